@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from moeplan import presets  # noqa: E402
 from moeplan.cost import balance as bal  # noqa: E402
 from moeplan.specs import Mesh, TrainSpec  # noqa: E402
+from moeplan.validate import skew  # noqa: E402
 from moeplan.validate.step import StepOptions, build_step  # noqa: E402
 
 ROUTINGS = ("uniform", "zipf:1.0", "zipf:1.5")
@@ -54,16 +55,14 @@ def build(cf: float, spec: str, **opts):
     """The real step for tiny-moe at capacity factor cf, its router driven to `spec`."""
     model = presets.load_model("tiny-moe")
     model = model.model_copy(update={"moe": model.moe.model_copy(update={"capacity_factor": cf})})
-    bias = bal.router_bias(bal.parse_routing(spec), model.moe.num_experts, model.moe.top_k)
-    options = StepOptions(router_bias=tuple(bias.tolist()), router_noise=True, **opts)
-    return model, build_step(model, TRAIN, MESH, options=options)
+    driven = skew.step_kwargs(skew.step_options(model, bal.parse_routing(spec), opts.pop("learning_rate", None)))
+    return model, build_step(model, TRAIN, MESH, options=StepOptions(**driven, **opts))
 
 
 def measured(built, state, batches: int) -> tuple[list[float], list[float]]:
     """Dropped fraction and pooled max/mean per MoE layer and batch, from the metrics vector."""
     k = built.model.moe.top_k
-    groups = MESH.batch_shards * TRAIN.grad_accum
-    pairs = groups * built.tokens_per_microbatch * k
+    pairs = skew.routing_groups(MESH, TRAIN) * built.tokens_per_microbatch * k
     drops, ratios = [], []
     for seed in range(batches):
         # a different count per batch: the router-noise key folds it in, as the step folds in state.count
@@ -71,8 +70,9 @@ def measured(built, state, batches: int) -> tuple[list[float], list[float]]:
         m = built.metrics_dict(metrics)
         for load, dropped in zip(m["expert_load"], m["dropped"]):
             assert abs(load.sum() - pairs) < 1e-3, "every token must be counted K times"
-            drops.append(float(dropped) / pairs)
-            ratios.append(float(load.max() / load.mean()))
+            fig = skew.layer_figures(load, dropped, pairs)
+            drops.append(fig["dropped_fraction"])
+            ratios.append(fig["max_mean"])
     return drops, ratios
 
 
@@ -86,7 +86,7 @@ def accuracy_table(batches: int) -> list[dict]:
             drops, ratios = measured(built, state, batches)
             e, k, t = model.moe.num_experts, model.moe.top_k, built.tokens_per_microbatch
             law = bal.resolve(bal.parse_routing(spec), e, k)
-            groups = MESH.batch_shards * TRAIN.grad_accum
+            groups = skew.routing_groups(MESH, TRAIN)
             pred_drop = bal.dropped_fraction(law.inclusion, t, built.capacity)
             # the metrics vector sums loads over all routing groups, so compare the max/mean
             # of the pooled count vector (groups * T tokens); per group it is larger
@@ -179,7 +179,7 @@ def training_run(steps: int, spec: str = "zipf:1.5", cf: float = 1.25, lr: float
     model, built = build(cf, spec, learning_rate=lr, aux_coef=aux)
     state = built.init_state(seed=0, zero_router=True)
     k = model.moe.top_k
-    pairs = MESH.batch_shards * TRAIN.grad_accum * built.tokens_per_microbatch * k
+    pairs = skew.routing_groups(MESH, TRAIN) * built.tokens_per_microbatch * k
     print(f"training {steps} steps from routing {spec}, cf {cf}, lr {lr}, aux_coef {aux}:")
     if verbose:
         print(f"{'step':>4} {'lm loss':>8} {'aux loss':>8} {'max/mean L0':>11} {'max/mean L1':>11} {'dropped':>8}")

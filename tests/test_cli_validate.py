@@ -112,6 +112,7 @@ def test_profile_json_on_tiny_moe(single_process):
     assert doc["schema_version"] == 1 and doc["devices"] == 8 and doc["interrupted"] is False
     (r,) = doc["results"]
     assert r["mesh"] == MESH and r["error"] is None
+    assert doc["routing"] is None and r["routing"] is None  # router left alone without --routing
     m = r["measured"]
     assert m["step_time_s"] > 0 and m["compile_s"] > 0 and m["step_time_cv"] >= 0
     assert m["flops_per_device"] > 0 and m["memory_bytes_per_device"] > 0

@@ -96,7 +96,7 @@ def test_measure_task_reports_a_failing_candidate_and_goes_on(monkeypatch):
     """One mesh that fails to build must not stop the others (no jax needed: measure_one faked)."""
     from moeplan import presets
 
-    def fake_measure(model, train, mesh, devices, *, steps, warmup, phase):
+    def fake_measure(model, train, mesh, devices, *, steps, warmup, phase, options=None):
         if mesh.model == 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating 9 GiB")
         return meas(0.1, {"all-reduce": 1.0}).record()

@@ -217,47 +217,80 @@ def _chart(res: bal.Balance, row_index: int, label: str, top: float):
     capped = row.capacity_factor is not None
     expected = res.expected_tokens
     kept = bal.expected_kept(res.inclusion, res.tokens, row.capacity) if capped else expected
-    labels, tot, kp = _buckets(expected, kept)
+    labels, (tot, kp) = _buckets(expected, expected, kept)
     c = row.capacity if capped else None
     scale = top or 1.0  # shared by both charts so their bars compare
-    cap_col = int(round(c / scale * BAR_WIDTH)) if c else None
     title = f"tokens per expert, {label}"
     title += f", capacity C={c} (cf {row.capacity_factor:g})" if capped else ", dropless"
     out = Text(title + "\n", style="bold")
     for name, total, keep in zip(labels, tot, kp):
-        n_keep = int(round(keep / scale * BAR_WIDTH))
-        n_drop = int(round(total / scale * BAR_WIDTH)) - n_keep
-        out.append(f"{name:>9} ")
-        for col in range(BAR_WIDTH + 1):
-            if col < n_keep:
-                out.append("█", style="green")
-            elif col < n_keep + n_drop:
-                out.append("▒", style="red")
-            elif col == cap_col:
-                out.append("│", style="yellow")
-            else:
-                out.append(" ")
-        drop = total - keep
-        out.append(f" {total:8.1f}")
-        out.append(f"  -{drop:.1f} dropped" if drop >= 0.05 else "", style="red")
-        out.append("\n")
-    if len(labels) < len(expected):
-        out.append(f"(experts grouped {len(expected) // len(labels)} per bar; each bar shows the "
-                   "busiest expert of its group)\n", style="dim")
+        _bar(out, name, total, keep, scale, _capacity_column(c, scale))
+    _grouping_note(out, len(labels), len(expected))
     return out
 
 
-def _buckets(expected: np.ndarray, kept: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """At most MAX_BARS bars: consecutive experts grouped, each bar its busiest expert."""
-    e = len(expected)
+def paired_chart(title: str, predicted: np.ndarray, kept: np.ndarray, measured: np.ndarray,
+                 capacity: float | None):
+    """Predicted (kept █ green, expected dropped ▒ red) above measured (█ blue) tokens per
+    expert, pair by pair on one scale: `moeplan profile --routing` sets the routing model
+    beside the real router with the same bars `moeplan balance` draws."""
+    from rich.text import Text
+
+    labels, (pt, pk) = _buckets(predicted, predicted, kept)
+    _, (mt,) = _buckets(measured, measured)
+    scale = max(float(pt.max()), float(mt.max()), float(capacity or 0.0)) or 1.0
+    width = max(len(name) for name in labels) + 5
+    cap_col = _capacity_column(capacity, scale)
+    out = Text(title + "\n", style="bold")
+    for name, total, keep, meas in zip(labels, pt, pk, mt):
+        _bar(out, f"{name} pred", total, keep, scale, cap_col, width=width)
+        _bar(out, "meas", meas, meas, scale, cap_col, width=width, style="blue")
+    _grouping_note(out, len(labels), len(predicted))
+    return out
+
+
+def _capacity_column(capacity: float | None, scale: float) -> int | None:
+    return int(round(capacity / scale * BAR_WIDTH)) if capacity else None
+
+
+def _bar(out, name: str, total: float, keep: float, scale: float, cap_col: int | None, *,
+         width: int = 9, style: str = "green") -> None:
+    """One bar line: `keep` as █ in `style`, the rest of `total` as dropped ▒ (red), the
+    capacity as │ where the bar does not reach it, then the count (and what is dropped)."""
+    n_keep = int(round(keep / scale * BAR_WIDTH))
+    n_drop = int(round(total / scale * BAR_WIDTH)) - n_keep
+    out.append(f"{name:>{width}} ")
+    for col in range(BAR_WIDTH + 1):
+        if col < n_keep:
+            out.append("█", style=style)
+        elif col < n_keep + n_drop:
+            out.append("▒", style="red")
+        elif col == cap_col:
+            out.append("│", style="yellow")
+        else:
+            out.append(" ")
+    drop = total - keep
+    out.append(f" {total:8.1f}")
+    out.append(f"  -{drop:.1f} dropped" if drop >= 0.05 else "", style="red")
+    out.append("\n")
+
+
+def _grouping_note(out, bars: int, experts: int) -> None:
+    if bars < experts:
+        out.append(f"(experts grouped {experts // bars} per bar; each bar shows the "
+                   "busiest expert of its group)\n", style="dim")
+
+
+def _buckets(key: np.ndarray, *series: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """At most MAX_BARS bars: consecutive experts grouped, each bar the expert of its group
+    with the largest `key`, read from every one of `series` (so kept stays with its total)."""
+    e = len(key)
     if e <= MAX_BARS:
-        return [f"e{i}" for i in range(e)], expected, kept
+        return [f"e{i}" for i in range(e)], [np.asarray(s) for s in series]
     size = math.ceil(e / MAX_BARS)
-    labels, tot, kp = [], [], []
+    labels, picks = [], []
     for start in range(0, e, size):
         stop = min(e, start + size)
-        j = start + int(np.argmax(expected[start:stop]))
+        picks.append(start + int(np.argmax(key[start:stop])))
         labels.append(f"e{start}-{stop - 1}")
-        tot.append(expected[j])
-        kp.append(kept[j])
-    return labels, np.array(tot), np.array(kp)
+    return labels, [np.asarray(s)[picks] for s in series]

@@ -96,7 +96,8 @@ def profile_cmd(
     mesh: Annotated[Optional[list[str]], typer.Option(
         "--mesh", help="Mesh to measure, as data=2,expert=2,model=2 (repeatable); default: the planner's meshes.")] = None,
     top: Annotated[Optional[int], typer.Option("--top", help="Measure the planner's K best meshes (default: all feasible).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Timed steps per mesh (median reported).")] = 10,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per mesh (median reported); each is a "
+                                       "real training step on the same batch.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before timing.")] = 3,
     train_file: Annotated[Optional[str], typer.Option("--train", help="TrainSpec YAML (options below override it).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=f"Tokens per sequence (default {DEFAULT_SEQ_LEN}).")] = None,
@@ -105,6 +106,13 @@ def profile_cmd(
     remat: Annotated[Optional[str], typer.Option("--remat", help="none, selective or full.")] = None,
     compute_dtype: Annotated[Optional[str], typer.Option(
         "--compute-dtype", help="Matmul dtype (default float32 on CPU, bfloat16 on accelerators).")] = None,
+    routing: Annotated[Optional[str], typer.Option(
+        "--routing", help="Drive the real router to this skew (uniform, zipf:S e.g. zipf:1.2, or hist:FILE): "
+        "router bias + Gumbel noise from a zero router; shows tokens per expert, drops and the aux "
+        "loss measured beside predicted (default: router left alone).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", help="Adam learning rate of the measured steps (default 1e-3); with --routing "
+        "a larger one (1e-2) lets a few dozen steps show the aux loss rebalancing.")] = None,
     recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Measure the hardware again (ignore the cache).")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON (or .yaml) document here.")] = None,
@@ -119,6 +127,7 @@ def profile_cmd(
     _check_counts(steps=steps, warmup=warmup, top=top)
     if remat is not None:
         remat = output.check_choice("--remat", remat, ("none", "selective", "full"))
+    spec = _routing_spec(routing, learning_rate, target)
     if target is not None:
         from moeplan.commands import tpu_profile
 
@@ -135,6 +144,10 @@ def profile_cmd(
     from moeplan.validate import profile as prof
 
     model = presets.load_model(model_name)
+    if spec is not None:
+        from moeplan.validate import skew
+
+        skew.check_routing(model, spec)
     if devices is None and mesh:
         devices = max(Mesh.parse(m).devices for m in mesh)
     ident = dev.identity(devices, processes, cluster)
@@ -148,7 +161,8 @@ def profile_cmd(
         hw, source = prof.resolve_hardware(hardware, ident=ident, processes=processes, dtype=train.compute_dtype,
                                            cluster=cluster, recalibrate=recalibrate, on_event=bar)
     meshes = prof.candidate_meshes(model, train, hw, ident["count"], mesh, top)
-    req = prof.ProfileRequest(model, train, hw, meshes, ident["count"], processes, steps, warmup, cluster)
+    req = prof.ProfileRequest(model, train, hw, meshes, ident["count"], processes, steps, warmup, cluster,
+                              routing=spec, learning_rate=learning_rate)
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)
@@ -160,6 +174,22 @@ def profile_cmd(
     output.emit(doc, fmt, profile_tables)
     if report.interrupted:
         raise MoeplanError("interrupted: printed and saved the candidates measured so far", exit_code=130)
+
+
+def _routing_spec(routing: str | None, learning_rate: float | None, target: str | None):
+    """The parsed --routing (None when not given), and --learning-rate checked, before any
+    device is touched: a typo must cost one line, not a calibration."""
+    import math
+
+    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate >= 0):
+        raise MoeplanError(f"--learning-rate must be a finite number >= 0 (got {learning_rate})")
+    if routing is None:
+        return None
+    if target is not None:
+        raise MoeplanError("--routing drives a router that runs; --target only compiles (drop one of them)")
+    from moeplan.cost import balance as bal
+
+    return bal.parse_routing(routing)
 
 
 def _check_counts(**values: int | None) -> None:
@@ -201,7 +231,7 @@ def profile_tables(doc: dict):
         ("mesh", "left"), ("kind", "left"), "predicted", "compiled", ("match", "left")])
     for r in doc["results"]:
         _candidate_rows(r, cand, comm)
-    return [head, cand, comm, *_summary_lines(doc)]
+    return [head, cand, comm, *_routing_section(doc), *_summary_lines(doc)]
 
 
 def _candidate_rows(r: dict, cand, comm) -> None:
@@ -220,6 +250,65 @@ def _candidate_rows(r: dict, cand, comm) -> None:
         comm.add_row(r["mesh"], kind, output.fmt_bytes(cmp["comm_bytes_predicted"][kind]),
                      output.fmt_bytes(meas["comm_bytes_per_device"].get(kind, 0.0)),
                      "exact" if ok else "[red]MISMATCH[/]")
+
+
+TRAJECTORY_POINTS = 6
+
+
+def _routing_section(doc: dict) -> list:
+    """With --routing: predicted vs measured drops and max/mean per candidate and MoE layer
+    (first step, router still at zero), the same at the last step with the aux-loss
+    trajectory (is training pulling the load toward uniform?), and the bar chart of tokens
+    per expert of the first candidate's first layer, measured beside predicted."""
+    driven = [r for r in doc["results"] if r.get("routing")]
+    if not driven:
+        return []
+    pct = lambda x: output.fmt_percent(x, 3)  # noqa: E731
+    table = output.new_table(
+        f"Routing {output.esc(doc.get('routing'))}: predicted vs measured at the first step "
+        "(router at zero), and the last step", [
+            ("mesh", "left"), "layer", "drop pred", "drop meas", "max/mean pred", "max/mean meas",
+            "max/mean last", "drop last"])
+    for r in driven:
+        for i, layer in enumerate(r["routing"]["layers"]):
+            table.add_row(
+                r["mesh"] if i == 0 else "", str(i), pct(layer["dropped_fraction"]["predicted"]),
+                pct(layer["dropped_fraction"]["measured"]), f"{layer['max_mean']['predicted']:.3f}",
+                f"{layer['max_mean']['measured']:.3f}", f"{layer['last']['max_mean']:.3f}",
+                pct(layer["last"]["dropped_fraction"]))
+    first = driven[0]["routing"]
+    table.caption = (f"T={first['tokens_per_group']} tokens x {first['groups']} routing groups a step, "
+                     f"C={first['capacity']} slots per expert per group; max/mean of the counts summed over "
+                     f"the groups (uniform routing: {first['uniform_max_mean']:.3f})")
+    return [table, *(_training_line(r) for r in driven), _first_chart(driven[0])]
+
+
+def _training_line(r: dict) -> str:
+    """Aux loss at a few steps from first to last, and mean max/mean over layers first -> last."""
+    from moeplan.validate import skew
+
+    o = r["routing"]
+    aux = o["aux_loss"]
+    picks = sorted({round(i * (len(aux) - 1) / (TRAJECTORY_POINTS - 1)) for i in range(TRAJECTORY_POINTS)})
+    trail = " ".join(f"{i + 1}:{aux[i]:.4f}" for i in picks)
+    return (f"{r['mesh']}: {o['steps']} training steps at learning rate {o['learning_rate']:g}: aux loss by step "
+            f"{trail} (predicted at step 1 {o['aux_loss_predicted']:.4f}, balanced {o['aux_loss_balanced']:.4f}); z-loss {o['z_loss'][0]:.4f} -> {o['z_loss'][-1]:.4f}; max/mean (mean over layers) "
+            f"{skew.mean_max_mean(o, 'first'):.3f} -> {skew.mean_max_mean(o, 'last'):.3f}")
+
+
+def _first_chart(r: dict):
+    """Tokens per expert of MoE layer 0 at the first step, predicted above measured."""
+    import numpy as np
+
+    from moeplan.commands.balance import paired_chart
+
+    o = r["routing"]
+    layer = o["layers"][0]
+    pooled_capacity = o["groups"] * o["capacity"]
+    title = (f"tokens per expert, {r['mesh']}, MoE layer 0, first step, summed over {o['groups']} groups "
+             f"(│ = {o['groups']} x C = {pooled_capacity}; drops happen per group)")
+    return paired_chart(title, np.asarray(layer["tokens_per_expert"]["predicted"]), np.asarray(layer["expected_kept"]),
+                        np.asarray(layer["tokens_per_expert"]["measured"]), pooled_capacity)
 
 
 def _summary_lines(doc: dict) -> list[str]:

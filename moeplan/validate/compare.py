@@ -97,6 +97,7 @@ class Comparison:
     predicted_row: dict = field(default_factory=dict)
     measured: Measured | None = None
     error: str | None = None
+    routing: dict | None = None  # routing skew, predicted vs measured (profile --routing; validate/skew.py)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +141,7 @@ class Comparison:
             "predicted": self.predicted_row,
             "measured": self.measured.record() if self.measured else None,
             "error": self.error,
+            "routing": self.routing,
             "comparison": {
                 "step_time_ratio": self.step_ratio,
                 "flops_ratio": self.flops_ratio,

@@ -19,11 +19,13 @@ import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
+from moeplan.cost import balance as bal
 from moeplan.cost import step as cost_step
 from moeplan.cost.layout import Plans
 from moeplan.errors import MoeplanError
 from moeplan.specs import HardwareProfile, Mesh, ModelSpec, TrainSpec
 from moeplan.validate import devices as dev
+from moeplan.validate import skew
 from moeplan.validate.compare import Comparison, Measured, Predicted, Summary, summarize
 
 TASK = "moeplan.validate.profile:measure_task"
@@ -43,6 +45,8 @@ class ProfileRequest:
     steps: int = 10
     warmup: int = 3
     cluster: bool = False
+    routing: bal.Routing | None = None  # drive the real router to this law (None: leave it alone)
+    learning_rate: float | None = None  # StepOptions.learning_rate override (None: the step's default)
 
 
 @dataclass
@@ -71,6 +75,8 @@ class ProfileReport:
                       "remat": t.remat, "compute_dtype": t.compute_dtype, "param_dtype": t.param_dtype},
             "steps": r.steps,
             "warmup": r.warmup,
+            "routing": None if r.routing is None else str(r.routing),
+            "learning_rate": r.learning_rate,
             "interrupted": self.interrupted,
             "notes": list(self.notes),
             "results": [c.record() for c in self.comparisons],
@@ -137,14 +143,22 @@ def candidate_meshes(
     return [result.estimates.plans.mesh(int(i)) for i in result.ranked]
 
 
-def predict(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, meshes: list[Mesh]) -> cost_step.Estimates:
-    """Cost-model estimates for the candidate meshes, in order (one vectorised call)."""
+def predict(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, meshes: list[Mesh],
+            routing: bal.Routing | None = None) -> cost_step.Estimates:
+    """Cost-model estimates for the candidate meshes, in order (one vectorised call).
+
+    With `routing` the imbalance term is in (as `moeplan estimate --routing`), so the step
+    time and dropped fraction predicted are those of the skew the real router is driven to.
+    """
     import numpy as np
 
     singles = [Plans.single(m, train) for m in meshes]
     cat = lambda f: np.concatenate([getattr(p, f) for p in singles])  # noqa: E731
     plans = Plans(cat("data"), cat("expert"), cat("model"), cat("fsdp"), cat("remat"))
-    return cost_step.estimate(model, train, hw, plans)
+    if routing is None:
+        return cost_step.estimate(model, train, hw, plans)
+    effect = bal.routing_effect(model, train, plans, routing, expert_max=True)
+    return cost_step.estimate(model, train, hw, plans, routing=effect)
 
 
 def predicted_row(est: cost_step.Estimates, i: int) -> dict:
@@ -155,7 +169,7 @@ def predicted_row(est: cost_step.Estimates, i: int) -> dict:
 
 def run_profile(req: ProfileRequest, *, on_event: Emit | None = None) -> ProfileReport:
     """Predict, then measure every candidate; a Ctrl-C returns what was measured so far."""
-    est = predict(req.model, req.train, req.hardware, req.meshes)
+    est = predict(req.model, req.train, req.hardware, req.meshes, req.routing)
     comps = [
         Comparison(mesh=str(m), predicted=Predicted.from_estimates(est, i), predicted_row=predicted_row(est, i))
         for i, m in enumerate(req.meshes)
@@ -167,7 +181,10 @@ def run_profile(req: ProfileRequest, *, on_event: Emit | None = None) -> Profile
         if event.get("event") in ("result", "error"):
             c = comps[event["index"]]
             if event["event"] == "result":
+                raw = event["measured"].pop("routing", None)
                 c.measured = Measured.from_record(event["measured"])
+                if raw is not None and req.routing is not None:
+                    c.routing = skew.compare(req.routing, req.model.moe.top_k, raw)
             else:
                 c.error = event["reason"]
             done[event["index"]] = c
@@ -191,6 +208,7 @@ def payload(req: ProfileRequest) -> dict:
         "meshes": [str(m) for m in req.meshes],
         "steps": req.steps,
         "warmup": req.warmup,
+        "options": skew.step_options(req.model, req.routing, req.learning_rate),
     }
 
 
@@ -207,8 +225,8 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
         phase = lambda name, done=0, total=0, i=i: emit(  # noqa: E731
             {"event": "phase", "index": i, "mesh": str(mesh), "phase": name, "done": done, "total": total})
         try:
-            rec = measure_one(model, train, mesh, devices[: mesh.devices],
-                              steps=payload["steps"], warmup=payload["warmup"], phase=phase)
+            rec = measure_one(model, train, mesh, devices[: mesh.devices], steps=payload["steps"],
+                              warmup=payload["warmup"], phase=phase, options=payload.get("options"))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (any failure of one candidate is reported, not fatal)
@@ -220,28 +238,39 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
 
 
 def measure_one(model: ModelSpec, train: TrainSpec, mesh: Mesh, devices: list, *,
-                steps: int, warmup: int, phase: Callable[..., None]) -> dict:
-    """One candidate: build, compile (timed), read HLO, init, run and time; the `measured` record."""
+                steps: int, warmup: int, phase: Callable[..., None], options: dict | None = None) -> dict:
+    """One candidate: build, compile (timed), read HLO, init, run and time; the `measured` record.
+
+    `options` are StepOptions keywords (`skew.step_options`); with a router bias the router
+    starts at zero so the first step routes exactly by the law, and the record gets a
+    `routing` entry read from every step's metrics vector (kept on device while timing and
+    read after it, so the timed loop has no extra host sync).
+    """
     import jax
 
-    from moeplan.validate import build_step, hlo
+    from moeplan.validate import StepOptions, build_step, hlo
     from moeplan.validate.timing import time_compile, time_steps
 
+    options = skew.step_kwargs(options)
+    driven = options.get("router_bias") is not None
     phase("compile")
-    built = build_step(model, train, mesh, devices=devices)
+    built = build_step(model, train, mesh, devices=devices, options=StepOptions(**options))
     compiled, compile_s = time_compile(built.compile)
     comm = hlo.wire_bytes_by_kind(hlo.collectives(compiled))
     mem = hlo.memory(compiled)
-    state, batch = built.init_state(seed=0), built.make_batch(seed=0)
+    state, batch = built.init_state(seed=0, zero_router=driven), built.make_batch(seed=0)
     box = [state]
+    history: list = []
 
     def run():
         box[0], metrics = built.step(box[0], batch)
+        if driven:
+            history.append(metrics)
         return box[0], metrics
 
     timing = time_steps(run, steps=steps, warmup=warmup, sync=jax.block_until_ready,
                         on_step=lambda d, t: phase("run", d, t))
-    return {
+    record = {
         "step_time_s": timing.median_s,
         "step_time_cv": timing.cv,
         "compile_s": compile_s,
@@ -252,6 +281,12 @@ def measure_one(model: ModelSpec, train: TrainSpec, mesh: Mesh, devices: list, *
         "memory_analysis": mem,
         "step_times_s": list(timing.times_s),
     }
+    if driven:
+        record["routing"] = skew.measured_routing(
+            [built.metrics_dict(m) for m in history], groups=skew.routing_groups(mesh, train),
+            tokens=built.tokens_per_microbatch, capacity=built.capacity,
+            learning_rate=built.options.learning_rate)
+    return record
 
 
 def bytes_accessed(compiled) -> float | None:
