@@ -177,12 +177,26 @@ class Link(_Spec):
     latency: float = Field(ge=0, description="Seconds per collective step (alpha).")
 
 
+class CurvePoint(_Spec):
+    """One point of a size-dependent efficiency curve (see HardwareProfile.matmul_curve)."""
+
+    size: PositiveFloat = Field(description="FLOPs of one matrix product (2mkn).")
+    efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak_flops at that size.")
+
+
 class HardwareProfile(_Spec):
     """One accelerator and its interconnect, as the cost model needs them."""
 
     name: str = Field("custom", description="Display name.")
     peak_flops: PositiveFloat = Field(description="Dense bf16 FLOP/s per device.")
     matmul_efficiency: float = Field(0.6, gt=0, le=1, description="Achievable fraction of peak.")
+    matmul_curve: list[CurvePoint] | None = Field(
+        None,
+        description="Achieved fraction of peak by matmul size, measured by `moeplan calibrate`: "
+        "small matrix products run far below peak (launch, tiling and cache effects). Where "
+        "given it replaces matmul_efficiency; between points the cost model interpolates in "
+        "log(size), beyond the ends it holds the end value.",
+    )
     hbm_bytes: PositiveFloat = Field(description="Device memory capacity in bytes.")
     hbm_bandwidth: PositiveFloat = Field(description="Device memory bandwidth in bytes/s.")
     memory_efficiency: float = Field(0.8, gt=0, le=1, description="Achievable fraction of HBM bandwidth.")
@@ -200,6 +214,10 @@ class HardwareProfile(_Spec):
         if self.topology == "torus":
             if not self.torus_dims:
                 raise ValueError("topology torus needs torus_dims")
+        if self.matmul_curve is not None:
+            sizes = [p.size for p in self.matmul_curve]
+            if not sizes or sizes != sorted(set(sizes)):
+                raise ValueError("matmul_curve needs at least one point, sizes strictly increasing")
         return self
 
 

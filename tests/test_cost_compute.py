@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeplan.cost.compute import Work, model_flops_per_token, op_work, roofline_s
+from moeplan.cost.compute import Work, matmul_efficiency, model_flops_per_token, op_work, roofline_s
 from moeplan.cost.layout import REMAT_CODES, Plans
-from moeplan.specs import HardwareProfile, Link, Mesh, ModelSpec, MoESpec, TrainSpec
+from moeplan.specs import CurvePoint, HardwareProfile, Link, Mesh, ModelSpec, MoESpec, TrainSpec
 
 LINK = Link(bandwidth=100e9, latency=1e-6)
 
@@ -88,6 +88,46 @@ def test_roofline_picks_the_binding_limit():
     # (8*1024 + 1024*1024 + 8*1024) * 2 = 2129920 B -> 2.13e-6 s: memory-bound
     small = Work(np.array([16777216.0]), np.array([2129920.0]))
     assert roofline_s(small, h)[0] == pytest.approx(2129920 / 1e12)
+
+
+CURVE = [CurvePoint(size=1e6, efficiency=0.1), CurvePoint(size=1e8, efficiency=0.5),
+         CurvePoint(size=1e10, efficiency=1.0)]
+
+
+def test_matmul_curve_interpolates_in_log_size_and_holds_its_ends():
+    h = hw(eff=0.5).model_copy(update={"matmul_curve": CURVE})
+    got = matmul_efficiency(h, np.array([1e4, 1e6, 1e7, 1e8, 1e9, 1e12]))
+    # 1e7 is halfway between 1e6 and 1e8 in log size: (0.1 + 0.5) / 2; 1e9 halfway to 1.0
+    assert got == pytest.approx([0.1, 0.1, 0.3, 0.5, 0.75, 1.0])
+    assert matmul_efficiency(hw(eff=0.5), np.array([1e4])) == 0.5  # no curve: the scalar
+
+
+def test_roofline_times_small_products_at_the_curve_rate():
+    h = hw(peak=1e12, eff=1.0, bw=1e15, mem_eff=1.0)  # memory never binds here
+    curved = h.model_copy(update={"matmul_curve": CURVE})
+    work = Work(np.array([4e9, 4e9]), np.array([1.0, 1.0]), np.array([1e7, 1e10]))
+    # 4e9 FLOPs of 1e7-FLOP products at 0.3 of 1e12, and of 1e10-FLOP products at the peak
+    assert roofline_s(work, curved) == pytest.approx([4e9 / 3e11, 4e9 / 1e12])
+    assert roofline_s(work, h) == pytest.approx([4e-3, 4e-3])
+
+
+def test_op_work_keys_each_class_by_one_matrix_product():
+    train = TrainSpec(seq_len=4, global_batch=2)
+    model = TINY.model_copy(update={"moe": MoESpec(num_experts=4, top_k=2, expert_hidden=8, every=1)})
+    work = op_work(model, train, plans(Mesh(expert=2, model=2), train))
+    t, m = 8 / 2, 2  # tokens per device (data x expert = 2 shards), model axis
+    c = 3  # capacity ceil(1.25 * T K / E) = ceil(1.25 * 4 * 2 / 4)
+    assert float(np.squeeze(work["attention_proj"].size)) == 2 * (t / m) * 8 * (4 * 2)  # q: [T/m, M] x [M, N D]
+    assert work["attention_scores"].size == 2 * 2 * 4 * 4 * 2  # [G S, D] x [D, S], G = 4 / 2
+    assert float(np.squeeze(work["expert_ffn"].size)) == 2 * (2 * c) * 8 * (8 / m)  # [x C, M] x [M, H_e/m]
+    assert float(np.squeeze(work["lm_head"].size)) == 2 * t * 8 * 16
+    assert work["moe_permute"].size == 0 and work["optimizer_update"].size == 0
+
+
+def test_curve_sizes_must_increase():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        HardwareProfile.model_validate({**hw().model_dump(), "matmul_curve": [
+            {"size": 1e8, "efficiency": 0.5}, {"size": 1e6, "efficiency": 0.1}]})
 
 
 def test_expert_ffn_is_padded_to_capacity_and_memory_bound():

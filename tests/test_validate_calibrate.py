@@ -90,6 +90,7 @@ def raw_record(processes=1, count=8):
 def test_fit_profile_single_process():
     prof = cal.fit_profile(raw_record(), name="test cpu")
     assert prof["peak_flops"] == 8e9 and prof["matmul_efficiency"] == 1.0
+    assert prof["matmul_curve"][-1]["efficiency"] == 1.0  # the peak's own size
     assert prof["hbm_bandwidth"] == 3e9
     assert prof["scale_up"]["latency"] == pytest.approx(ALPHA)
     assert prof["scale_up"]["bandwidth"] == pytest.approx(BW)
@@ -98,6 +99,16 @@ def test_fit_profile_single_process():
     assert prof["overlap"] == pytest.approx(0.5)  # (10 + 4 - 12) / 4
     assert set(prof["measured"]["collective_fit_by_kind"]) == set(cal.KINDS)
     presets.build(presets.HardwareProfile, prof, "test")  # a valid HardwareProfile
+
+
+def test_matmul_curve_is_rate_over_peak_per_size_equal_sizes_averaged():
+    points = [{"m": 256, "k": 256, "n": 256, "flops_per_s": 6e9},
+              {"m": 64, "k": 16, "n": 64, "flops_per_s": 1e9},
+              {"m": 256, "k": 128, "n": 512, "flops_per_s": 4e9},  # same 2mkn as 256^3
+              {"m": 1024, "k": 1024, "n": 1024, "flops_per_s": 8e9}]
+    curve = cal.matmul_curve(points)
+    assert [p["size"] for p in curve] == [2 * 64 * 16 * 64, 2 * 256**3, 2 * 1024**3]
+    assert [p["efficiency"] for p in curve] == pytest.approx([1 / 8, 5 / 8, 1.0])
 
 
 def test_fit_profile_two_processes_separates_links():

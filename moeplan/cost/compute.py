@@ -61,6 +61,7 @@ class Work:
 
     flops: np.ndarray
     bytes: np.ndarray  # HBM traffic: inputs + weights + outputs (compute dtype for matmuls)
+    size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key); 0: none
 
 
 def passes(train: TrainSpec, recompute: np.ndarray | bool | float) -> np.ndarray | float:
@@ -92,37 +93,47 @@ def _forward_per_layer(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.n
                       elements f (EC M + (E/x) M H_e/m + (EC/m) H_e)
       shared_experts  f x [T,M]x[M,H_s/m], like dense_ffn
       lm_head         [T,M]x[M,V]: FLOPs 2TMV; elements T(M + V) + MV
+    The third entry of each tuple is the FLOPs of ONE matrix product of the class (the key
+    of HardwareProfile.matmul_curve): the q projection, one (sequence, K/V head) score
+    product [G S, D] x [D, S] with G query heads per K/V head, one expert's [xC, M] x
+    [M, H_e/m]; 0 for classes without matmuls.
     """
     inv_m = 1.0 / plans.model
     tm = t * inv_m
     dm, d, s, f = model.d_model, model.d_head, train.seq_len, model.ffn_matrices
     h = 2 * model.heads + 2 * model.n_kv_heads
+    group = model.heads // model.n_kv_heads
     out = {
-        "attention_proj": (tm * (2.0 * dm * d * h), t * (4.0 * dm) + inv_m * (dm * d * h) + tm * (d * h)),
-        "attention_scores": (tm * (4.0 * s * d * model.heads), tm * (model.heads * (4.0 * s * d + 2.0 * s * s) / s)),
-        "attention_softmax": (0.0, tm * (2.0 * model.heads * s)),
+        "attention_proj": (tm * (2.0 * dm * d * h), t * (4.0 * dm) + inv_m * (dm * d * h) + tm * (d * h),
+                           tm * (2.0 * dm * d * model.heads)),
+        "attention_scores": (tm * (4.0 * s * d * model.heads), tm * (model.heads * (4.0 * s * d + 2.0 * s * s) / s),
+                             2.0 * group * s * s * d),
+        "attention_softmax": (0.0, tm * (2.0 * model.heads * s), 0.0),
         "dense_ffn": _ffn(t, tm, inv_m, dm, model.ffn_hidden, f),
-        "lm_head": (t * (2.0 * dm * model.vocab), t * float(dm + model.vocab) + float(dm * model.vocab)),
+        "lm_head": (t * (2.0 * dm * model.vocab), t * float(dm + model.vocab) + float(dm * model.vocab),
+                    t * (2.0 * dm * model.vocab)),
     }
     moe = model.moe
     if moe is not None:
         e, he = moe.num_experts, moe.expert_hidden
         slots = e * capacity(model, t)  # E*C slots per device: E/x experts with x*C each
         slots_m = slots * inv_m
-        out["router"] = (t * (2.0 * dm * e), t * float(dm + e) + float(dm * e))
+        out["router"] = (t * (2.0 * dm * e), t * float(dm + e) + float(dm * e), t * (2.0 * dm * e))
         out["expert_ffn"] = (
             slots_m * (2.0 * f * dm * he),
             slots * (f * dm) + inv_m / plans.expert * (f * e * dm * he) + slots_m * (f * he),
+            slots_m * (2.0 * dm * he / e) * plans.expert,
         )
         out["shared_experts"] = _ffn(t, tm, inv_m, dm, shared_hidden(model), f)
         # dispatch reads [T, M] and writes [E*C, M]; combine does the reverse
-        out["moe_permute"] = (0.0, (t + slots) * (2.0 * dm))
+        out["moe_permute"] = (0.0, (t + slots) * (2.0 * dm), 0.0)
     return out
 
 
 def _ffn(t, tm, inv_m, dm: int, hidden: int, f: int) -> tuple:
     """f matmuls [T,M]x[M,hidden/m] (or their [T,hidden/m]x[hidden/m,M] mirror)."""
-    return tm * (2.0 * f * dm * hidden), t * float(f * dm) + inv_m * float(f * dm * hidden) + tm * float(f * hidden)
+    one = tm * (2.0 * dm * hidden)
+    return one * f, t * float(f * dm) + inv_m * float(f * dm * hidden) + tm * float(f * hidden), one
 
 
 def op_work(
@@ -172,11 +183,11 @@ def op_work(
         if name not in forward or layers[name] == 0:
             work[name] = Work(zero, zero)
             continue
-        flops, elems = forward[name]
+        flops, elems, size = forward[name]
         k = layers[name] * mult.get(name, block)
         if name == "expert_ffn" and not np.all(np.equal(expert_factor, 1.0)):
             k = k * expert_factor
-        work[name] = Work(_full(flops * k, zero), _full(elems * (elem_bytes.get(name, cb) * k), zero))
+        work[name] = Work(_full(flops * k, zero), _full(elems * (elem_bytes.get(name, cb) * k), zero), size)
     work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans))
     return work
 
@@ -200,9 +211,25 @@ def roofline_s(work: Work, hw: HardwareProfile) -> np.ndarray:
     The roofline model: Williams, Waterman & Patterson, "Roofline: an insightful visual
     performance model for multicore architectures", CACM 52(4), 2009.
     """
-    flop_s = work.flops / (hw.peak_flops * hw.matmul_efficiency)
+    flop_s = work.flops / (hw.peak_flops * matmul_efficiency(hw, work.size))
     mem_s = work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency)
     return np.maximum(flop_s, mem_s)
+
+
+def matmul_efficiency(hw: HardwareProfile, size: np.ndarray | float) -> np.ndarray | float:
+    """Achieved fraction of peak for matrix products of `size` FLOPs each.
+
+    With a measured curve (hw.matmul_curve), linear in log(size) between its points and flat
+    beyond them; otherwise the profile's single matmul_efficiency. The curve is what makes a
+    64 x 16 x 64 attention-score product cost what it costs: on the hardware it was measured
+    on, such products run several times below the peak of a large square one.
+    """
+    curve = hw.matmul_curve
+    if curve is None or np.all(np.equal(size, 0.0)):
+        return hw.matmul_efficiency
+    xs = np.log([p.size for p in curve])
+    ys = np.array([p.efficiency for p in curve])
+    return np.interp(np.log(np.maximum(size, 1.0)), xs, ys)
 
 
 def matmul_params(model: ModelSpec) -> tuple[float, float]:

@@ -9,7 +9,10 @@ link, and a figure taken on one idle device would be optimistic for both.
 What each number is (also written into the YAML's header):
 - peak_flops: the best per-device rate over a sweep of batched [m,k]x[k,n] matmuls
   (2mkn FLOPs each) in the compute dtype. It is an *achieved* peak, so matmul_efficiency
-  is 1.0; the whole sweep is kept under `measured.matmul` as the efficiency curve.
+  is 1.0; the whole sweep is kept under `measured.matmul`.
+- matmul_curve: each size's rate over that peak (sizes down to 64 x 16 x 64, the attention
+  scores of a small model), so the cost model times a small product at the rate such
+  products actually reach instead of at the peak of large ones.
 - hbm_bandwidth: the best per-device rate of an elementwise x+1 over buffers far larger than
   any cache (bytes read + written); memory_efficiency is 1.0 for the same reason.
 - scale_up / scale_out links: alpha (latency per step) and bandwidth fitted by least
@@ -71,7 +74,8 @@ class Sweep:
 
 
 FULL = Sweep(
-    matmul_shapes=((128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+    matmul_shapes=((32, 32, 32), (64, 16, 64), (64, 64, 64), (128, 128, 32), (16, 128, 256),
+                   (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
                    (256, 128, 512), (1024, 256, 1024), (64, 256, 1024)),
     copy_bytes=(16 * MIB, 32 * MIB),
     collective_bytes=(16 * 1024, 256 * 1024, 4 * MIB, 32 * MIB),
@@ -155,6 +159,20 @@ def overlap_fraction(t_a: float, t_b: float, t_both: float) -> float:
     return float(min(1.0, max(0.0, hidden)))
 
 
+def matmul_curve(points: list[dict]) -> list[dict]:
+    """Achieved fraction of the peak per matmul size (2mkn FLOPs), sizes ascending.
+
+    Shapes of equal size (a square and two skinny products of 2^25 FLOPs, say) are averaged:
+    the cost model keys the curve on size alone, and the step's products at one size come
+    in several shapes too.
+    """
+    peak = max(p["flops_per_s"] for p in points)
+    by_size: dict[float, list[float]] = {}
+    for p in points:
+        by_size.setdefault(2.0 * p["m"] * p["k"] * p["n"], []).append(p["flops_per_s"])
+    return [{"size": size, "efficiency": float(np.mean(rates)) / peak} for size, rates in sorted(by_size.items())]
+
+
 def fit_profile(raw: dict, *, name: str) -> dict:
     """The HardwareProfile fields (a plain dict) from the raw measurements of `calibrate_task`."""
     dev = raw["device"]
@@ -173,6 +191,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "name": name,
         "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
         "matmul_efficiency": 1.0,
+        "matmul_curve": matmul_curve(raw["matmul"]),
         "hbm_bytes": float(dev["memory_bytes"]),
         "hbm_bandwidth": max(p["bytes_per_s"] for p in raw["copy"]),
         "memory_efficiency": 1.0,
@@ -215,7 +234,7 @@ def header(profile: dict) -> str:
         f"# date: {m['date']}   jax {dev['jax']}   device: {dev['kind']} ({dev['platform']}) "
         f"x{dev['count']} in {dev['processes']} process(es)   dtype: {m['dtype']}",
         "# peak_flops: best per-device rate of batched matmuls, all devices at once "
-        "(achieved peak; matmul_efficiency 1.0; curve under measured.matmul)",
+        "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
         "# hbm_bandwidth: best per-device rate of x+1 over buffers of "
         + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in m["copy"]) + " (read + write bytes)",
         "# scale_up/scale_out: least-squares alpha-beta fit, time = ring_steps*latency + "

@@ -137,11 +137,15 @@ class Candidate:
         return self.backend == "cpu"
 
     def fingerprint(self) -> str:
-        """sha256 over the canonical JSON of every input of the prediction."""
+        """sha256 over the canonical JSON of every input of the prediction.
+
+        Fields left at their defaults are not hashed, so a new optional spec field that keeps
+        the old behaviour by default does not invalidate every baseline.
+        """
         doc = {
-            "model": self.model.model_dump(mode="json"),
-            "train": self.train.model_dump(mode="json"),
-            "hardware": self.hardware.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json", exclude_defaults=True),
+            "train": self.train.model_dump(mode="json", exclude_defaults=True),
+            "hardware": self.hardware.model_dump(mode="json", exclude_defaults=True),
             "mesh": self.mesh.model_dump(mode="json"),
             "backend": self.backend,
             "topology": self.topology,
