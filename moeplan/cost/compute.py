@@ -24,6 +24,7 @@ unmasked and applies the causal mask afterwards, so no FLOPs are saved by causal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from moeplan.cost.layout import (
     tokens_per_microbatch,
     total_params,
 )
+from moeplan.cost import elementwise
 from moeplan.cost.memory import sharded_params
 from moeplan.specs import HardwareProfile, ModelSpec, TrainSpec
 
@@ -51,8 +53,17 @@ OP_CLASSES: tuple[str, ...] = (
     "lm_head",  # [T, M] x [M, V], replicated over model
     "moe_permute",  # dispatch / combine gathers and scatters: bytes only, no FLOPs
     "optimizer_update",  # Adam's elementwise update of the local parameters: bytes only
+    *elementwise.CLASSES,  # norms, residuals, activations, routing, loss: bytes only (elementwise.py)
 )
 SOFTMAX_BYTES = 4  # the JAX step takes the softmax of the scores in float32 (validate/model.py)
+
+
+class _Op(NamedTuple):
+    """One forward pass of one layer of one op class, on one device."""
+
+    flops: np.ndarray | float
+    elems: np.ndarray | float  # elements read + written
+    size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key)
 
 
 @dataclass(frozen=True)
@@ -103,37 +114,35 @@ def _forward_per_layer(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.n
     dm, d, s, f = model.d_model, model.d_head, train.seq_len, model.ffn_matrices
     h = 2 * model.heads + 2 * model.n_kv_heads
     group = model.heads // model.n_kv_heads
+    scores = tm * (model.heads * (4.0 * s * d + 2.0 * s * s) / s)
     out = {
-        "attention_proj": (tm * (2.0 * dm * d * h), t * (4.0 * dm) + inv_m * (dm * d * h) + tm * (d * h),
-                           tm * (2.0 * dm * d * model.heads)),
-        "attention_scores": (tm * (4.0 * s * d * model.heads), tm * (model.heads * (4.0 * s * d + 2.0 * s * s) / s),
-                             2.0 * group * s * s * d),
-        "attention_softmax": (0.0, tm * (2.0 * model.heads * s), 0.0),
+        "attention_proj": _Op(tm * (2.0 * dm * d * h), t * (4.0 * dm) + inv_m * (dm * d * h) + tm * (d * h),
+                              tm * (2.0 * dm * d * model.heads)),
+        "attention_scores": _Op(tm * (4.0 * s * d * model.heads), scores, 2.0 * group * s * s * d),
+        "attention_softmax": _Op(0.0, tm * (2.0 * model.heads * s)),
         "dense_ffn": _ffn(t, tm, inv_m, dm, model.ffn_hidden, f),
-        "lm_head": (t * (2.0 * dm * model.vocab), t * float(dm + model.vocab) + float(dm * model.vocab),
-                    t * (2.0 * dm * model.vocab)),
+        "lm_head": _Op(t * (2.0 * dm * model.vocab), t * float(dm + model.vocab) + float(dm * model.vocab),
+                       t * (2.0 * dm * model.vocab)),
     }
     moe = model.moe
     if moe is not None:
         e, he = moe.num_experts, moe.expert_hidden
         slots = e * capacity(model, t)  # E*C slots per device: E/x experts with x*C each
         slots_m = slots * inv_m
-        out["router"] = (t * (2.0 * dm * e), t * float(dm + e) + float(dm * e), t * (2.0 * dm * e))
-        out["expert_ffn"] = (
-            slots_m * (2.0 * f * dm * he),
-            slots * (f * dm) + inv_m / plans.expert * (f * e * dm * he) + slots_m * (f * he),
-            slots_m * (2.0 * dm * he / e) * plans.expert,
-        )
+        out["router"] = _Op(t * (2.0 * dm * e), t * float(dm + e) + float(dm * e), t * (2.0 * dm * e))
+        experts = slots * (f * dm) + inv_m / plans.expert * (f * e * dm * he) + slots_m * (f * he)
+        out["expert_ffn"] = _Op(slots_m * (2.0 * f * dm * he), experts, slots_m * (2.0 * dm * he / e) * plans.expert)
         out["shared_experts"] = _ffn(t, tm, inv_m, dm, shared_hidden(model), f)
         # dispatch reads [T, M] and writes [E*C, M]; combine does the reverse
-        out["moe_permute"] = (0.0, (t + slots) * (2.0 * dm), 0.0)
+        out["moe_permute"] = _Op(0.0, (t + slots) * (2.0 * dm))
     return out
 
 
-def _ffn(t, tm, inv_m, dm: int, hidden: int, f: int) -> tuple:
+def _ffn(t, tm, inv_m, dm: int, hidden: int, f: int) -> _Op:
     """f matmuls [T,M]x[M,hidden/m] (or their [T,hidden/m]x[hidden/m,M] mirror)."""
     one = tm * (2.0 * dm * hidden)
-    return one * f, t * float(f * dm) + inv_m * float(f * dm * hidden) + tm * float(f * hidden), one
+    elems = t * float(f * dm) + inv_m * float(f * dm * hidden) + tm * float(f * hidden)
+    return _Op(one * f, elems, one)
 
 
 def op_work(
@@ -180,16 +189,20 @@ def op_work(
     zero = np.zeros(len(plans))
     work: dict[str, Work] = {}
     for name in OP_CLASSES:
+        if name in elementwise.CLASSES or name == "optimizer_update":
+            continue
         if name not in forward or layers[name] == 0:
             work[name] = Work(zero, zero)
             continue
-        flops, elems, size = forward[name]
+        op = forward[name]
         k = layers[name] * mult.get(name, block)
         if name == "expert_ffn" and not np.all(np.equal(expert_factor, 1.0)):
             k = k * expert_factor
-        work[name] = Work(_full(flops * k, zero), _full(elems * (elem_bytes.get(name, cb) * k), zero), size)
+        work[name] = Work(_full(op.flops * k, zero), _full(op.elems * (elem_bytes.get(name, cb) * k), zero), op.size)
     work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans))
-    return work
+    for name, total in elementwise.elementwise_bytes(model, train, plans).items():
+        work[name] = Work(zero, _full(total, zero))
+    return {name: work[name] for name in OP_CLASSES}
 
 
 def optimizer_update_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.ndarray:

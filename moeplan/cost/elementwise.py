@@ -1,0 +1,73 @@
+"""Memory traffic of the elementwise work around the matmuls: norms, residuals, activations,
+routing bookkeeping and the LM loss. Bytes only (their FLOPs are negligible next to the
+matmuls'), timed on the memory roofline.
+
+Why it matters: these ops do almost no arithmetic but each reads and writes whole activation
+tensors, and under tensor parallelism they run on the FULL token set of a device on every
+device of the model axis (Megatron replicates norms, residuals and the router over `model`;
+Korthikanti et al. arXiv 2205.05198 sec. 4.2.2 count the same replicated activations for
+memory). So a model-parallel mesh pays them m times over, which a matmul-only count misses.
+
+Counts, elements per device per forward pass (T tokens per microbatch, M model dim, m the
+model axis, H/H_e/H_s hidden sizes, E experts, K top-k, V vocab, C capacity). Each op reads
+its inputs and writes its outputs once; a backward op reads the forward input(s) and the
+output gradient and writes the input gradient:
+  norms_residuals per block: 2 RMSNorms (read [T,M], write [T,M]) and 2 residual adds
+                  (read 2, write 1): forward 10 TM; backward 2 x 3 TM for the norms and
+                  2 x 3 TM to sum the two gradient branches of each residual: 12 TM.
+                  Plus the final norm (2 TM fwd, 3 TM bwd) and the embedding lookup
+                  (gather 2 TM fwd; its transpose scatter-adds into a zeroed [V, M]
+                  gradient: VM + 2 TM).
+  activations     per FFN hidden unit and token: SwiGLU silu(a) * b reads 2, writes 1 (fwd)
+                  and reads 3, writes 2 (bwd); GeLU reads 1, writes 1 (fwd) and reads 2,
+                  writes 1 (bwd). Over tm H (dense), slots/m H_e (experts), tm H_s (shared).
+  routing         float32 / int32: softmax over [T, E] (read, write), top-k (read), the
+                  slot positions (one-hot [K T, E], running count, select: 4 K T E) and the
+                  load histogram (2 K T E): 3 TE + 6 KTE forward; softmax backward 3 TE.
+  loss_softmax    float32 logits [T, V]: logsumexp reads them twice (max, exp-sum); the
+                  backward writes softmax - one-hot from one more read: 2 TV + 2 TV.
+Full remat replays the forward of block ops (not of the loss or embedding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeplan.cost.layout import REMAT_CODES, Plans, bytes_of, capacity, shared_hidden, tokens_per_microbatch
+from moeplan.specs import ModelSpec, TrainSpec
+
+CLASSES: tuple[str, ...] = ("norms_residuals", "activations", "routing", "loss_softmax")
+F32 = 4  # routing and the loss run in float32 (validate/moe.py route, validate/model.py)
+
+
+def _activation_elems(gated: bool) -> tuple[float, float]:
+    """(forward, backward) elements per hidden unit and token of the FFN nonlinearity."""
+    return (3.0, 5.0) if gated else (2.0, 3.0)
+
+
+def elementwise_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[str, np.ndarray]:
+    """Per class in CLASSES: bytes per device per optimizer step."""
+    t = tokens_per_microbatch(train, plans)
+    tm = t / plans.model
+    cb = bytes_of(train.compute_dtype)
+    dm, f_b = float(model.d_model), float(train.grad_accum)
+    replay = (plans.remat == REMAT_CODES["full"]).astype(np.float64)
+    fwd_a, bwd_a = _activation_elems(model.gated)
+
+    tmd = t * dm
+    norms = model.layers * ((10.0 + 10.0 * replay) + 12.0) * tmd + 5.0 * tmd + 4.0 * tmd + float(model.vocab) * dm
+    act_units = model.dense_layers * tm * float(model.ffn_hidden)
+    moe = model.moe
+    route = 0.0 * t
+    if moe is not None:
+        e, k = float(moe.num_experts), float(moe.top_k)
+        slots_m = moe.num_experts * capacity(model, t) / plans.model
+        act_units = act_units + model.moe_layers * (slots_m * moe.expert_hidden + tm * shared_hidden(model))
+        route = model.moe_layers * ((3.0 * t * e + 6.0 * k * t * e) * (1.0 + replay) + 3.0 * t * e)
+    acts = act_units * (fwd_a * (1.0 + replay) + bwd_a)
+    return {
+        "norms_residuals": norms * cb * f_b,
+        "activations": acts * cb * f_b,
+        "routing": route * F32 * f_b,
+        "loss_softmax": 4.0 * t * float(model.vocab) * F32 * f_b,
+    }
