@@ -13,8 +13,13 @@ figures, never asserted: timings on a shared machine are noisy):
 It also prints, per candidate, the predicted compute and communication terms next to the
 measured time, so what dominates the error can be read off.
 
+With --routing zipf:1.5 (or any `moeplan profile --routing` law) the real router is driven
+to that skew and the prediction includes the imbalance term: the same table under skew, plus
+per candidate the predicted and measured drop fraction of the first step.
+
 Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--steps 10]
-       [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe] [-o out.json]
+       [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
+       [--routing SPEC] [-o out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 from moeplan import output, presets
+from moeplan.cost import balance as bal
 from moeplan.files import write_text_atomic
 from moeplan.validate import calibrate as cal
 from moeplan.validate import devices as dev
@@ -93,11 +99,16 @@ def candidate_lines(model: str, report) -> list[str]:
             lines.append(f"  {model:10s} {c.mesh:24s} FAILED: {c.error}")
             continue
         m = c.measured
+        drops = ""
+        if c.routing:
+            d = [layer["dropped_fraction"] for layer in c.routing["layers"]]
+            drops = (f"  drops pred {d[0]['predicted']:.1%} meas "
+                     + "/".join(f"{x['measured']:.1%}" for x in d))
         lines.append(
             f"  {model:10s} {c.mesh:24s} pred {row['step_time_s'] * 1e3:8.2f} ms "
             f"(compute {b['compute'] * 1e3:7.2f}, comm {comm * 1e3:7.2f})  meas {m.step_time_s * 1e3:8.2f} ms "
             f"cv {m.step_time_cv * 100:4.1f}%  ratio {c.step_ratio:5.2f}  flops {c.flops_ratio:5.3f}  "
-            f"mem {c.memory_ratio:5.3f}  hbm-bytes {_r(c.hbm_bytes_ratio)}  compile {m.compile_s:5.1f} s")
+            f"mem {c.memory_ratio:5.3f}  hbm-bytes {_r(c.hbm_bytes_ratio)}  compile {m.compile_s:5.1f} s{drops}")
     return lines
 
 
@@ -112,10 +123,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--routing", help="drive the router to this law (uniform, zipf:S, hist:FILE)")
     ap.add_argument("-o", "--output", help="write every result as JSON here")
     args = ap.parse_args()
 
-    print(f"start: {load()}", flush=True)
+    print(f"start: {load()}" + (f"; routing {args.routing}" if args.routing else ""), flush=True)
     hw, hw_source = hardware(args)
     print(f"hardware: {hw.name} ({hw_source}): peak {output.fmt_rate(hw.peak_flops, 'FLOP')}, "
           f"memory {output.fmt_rate(hw.hbm_bandwidth, 'B')}, link {output.fmt_rate(hw.scale_up.bandwidth, 'B')} / "
@@ -125,7 +137,9 @@ def main() -> None:
         model = presets.load_model(name)
         train = presets.load_train(None, seq_len=args.seq_len, global_batch=args.batch, compute_dtype="float32")
         meshes = prof.candidate_meshes(model, train, hw, args.devices)
-        req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup)
+        routing = bal.parse_routing(args.routing) if args.routing else None
+        req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup,
+                                  routing=routing)
         t0 = time.perf_counter()
         report = prof.run_profile(req)
         print(f"{name}: {len(meshes)} meshes in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)

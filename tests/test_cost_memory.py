@@ -41,6 +41,14 @@ def test_tiny_dense_model_memory_by_hand():
     assert sum(m.values()) == 2976 * 2 + 5952 + 2688 + 512
 
 
+def test_grad_accumulation_keeps_a_running_gradient_sum():
+    one = mem(TINY, Mesh(model=2))
+    two = mem(TINY, Mesh(model=2), grad_accum=2)
+    assert one["grad_accumulator"] == 0
+    assert two["grad_accumulator"] == 2976  # a second fp32 gradient tree, 744 params
+    assert two["activations"] == pytest.approx(one["activations"] / 2)  # half the tokens live
+
+
 def test_remat_policies_by_hand():
     # full: block inputs L*T*M*2 = 2*8*8*2 = 256 B + one block (448 + 384 + 512) = 1600 B
     # selective: every layer but the scores (2 * (448 + 512)) + one layer's scores 384 = 2304 B

@@ -7,7 +7,10 @@ run out of memory in their own ways (every local expert's weights and optimizer 
 Terms (per device; T tokens per microbatch, letters as in compute.py):
   weights      params * param bytes; FSDP divides non-expert params over (data, expert)
                and expert params over data (ZeRO-3, Rajbhandari et al. arXiv 1910.02054)
-  gradients    the same, in the param dtype (the accumulation buffer)
+  gradients    the same, in the param dtype (one microbatch's gradients)
+  grad_accumulator  with grad_accum > 1, the running sum of the microbatch gradients the
+               accumulation loop carries while the next microbatch's gradients are made
+               (param dtype; 0 with one microbatch)
   optimizer    optimizer_states * params * opt-state bytes, sharded like the weights
   fsdp_buffers one block's gathered weights in the compute dtype (FSDP only; the least
                XLA can keep live)
@@ -52,7 +55,8 @@ from moeplan.specs import ModelSpec, TrainSpec
 SOFTMAX_BYTES = 4  # attention and router softmaxes run in float32 in the JAX step
 
 MEMORY_TERMS: tuple[str, ...] = (
-    "weights", "gradients", "optimizer", "fsdp_buffers", "activations", "moe_buffers", "logits",
+    "weights", "gradients", "grad_accumulator", "optimizer", "fsdp_buffers", "activations", "moe_buffers",
+    "logits",
 )
 
 
@@ -133,6 +137,7 @@ def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[
     return {
         "weights": params * pb,
         "gradients": params * pb,
+        "grad_accumulator": params * (pb * float(train.grad_accum > 1)),
         "optimizer": params * train.optimizer_states * bytes_of(train.opt_state_dtype),
         "fsdp_buffers": plans.fsdp * gathered,
         "activations": activations,
