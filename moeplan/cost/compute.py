@@ -73,6 +73,7 @@ class Work:
     flops: np.ndarray
     bytes: np.ndarray  # HBM traffic: inputs + weights + outputs (compute dtype for matmuls)
     size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key); 0: none
+    memory_only: bool = False  # no FLOPs at all: timed on the memory roofline alone
 
 
 def passes(train: TrainSpec, recompute: np.ndarray | bool | float) -> np.ndarray | float:
@@ -198,10 +199,12 @@ def op_work(
         k = layers[name] * mult.get(name, block)
         if name == "expert_ffn" and not np.all(np.equal(expert_factor, 1.0)):
             k = k * expert_factor
-        work[name] = Work(_full(op.flops * k, zero), _full(op.elems * (elem_bytes.get(name, cb) * k), zero), op.size)
-    work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans))
+        no_flops = np.isscalar(op.flops) and op.flops == 0.0
+        work[name] = Work(_full(op.flops * k, zero), _full(op.elems * (elem_bytes.get(name, cb) * k), zero), op.size,
+                          memory_only=no_flops)
+    work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans), memory_only=True)
     for name, total in elementwise.elementwise_bytes(model, train, plans).items():
-        work[name] = Work(zero, _full(total, zero))
+        work[name] = Work(zero, _full(total, zero), memory_only=True)
     return {name: work[name] for name in OP_CLASSES}
 
 
@@ -224,8 +227,10 @@ def roofline_s(work: Work, hw: HardwareProfile) -> np.ndarray:
     The roofline model: Williams, Waterman & Patterson, "Roofline: an insightful visual
     performance model for multicore architectures", CACM 52(4), 2009.
     """
-    flop_s = work.flops / (hw.peak_flops * matmul_efficiency(hw, work.size))
     mem_s = work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency)
+    if work.memory_only:
+        return mem_s
+    flop_s = work.flops / (hw.peak_flops * matmul_efficiency(hw, work.size))
     return np.maximum(flop_s, mem_s)
 
 

@@ -46,28 +46,35 @@ def _activation_elems(gated: bool) -> tuple[float, float]:
 
 
 def elementwise_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[str, np.ndarray]:
-    """Per class in CLASSES: bytes per device per optimizer step."""
+    """Per class in CLASSES: bytes per device per optimizer step.
+
+    Written as per-plan arrays times constants folded in advance: the search calls this on
+    10^6 plans, so each array operation counts (tests/test_cost_elementwise.py checks the
+    hand counts in the module doc).
+    """
     t = tokens_per_microbatch(train, plans)
-    tm = t / plans.model
-    cb = bytes_of(train.compute_dtype)
-    dm, f_b = float(model.d_model), float(train.grad_accum)
+    inv_m = 1.0 / plans.model
+    dm, v, lyr = float(model.d_model), float(model.vocab), float(model.layers)
+    per_step = bytes_of(train.compute_dtype) * float(train.grad_accum)
+    f32_step = F32 * float(train.grad_accum)
     replay = (plans.remat == REMAT_CODES["full"]).astype(np.float64)
     fwd_a, bwd_a = _activation_elems(model.gated)
 
-    tmd = t * dm
-    norms = model.layers * ((10.0 + 10.0 * replay) + 12.0) * tmd + 5.0 * tmd + 4.0 * tmd + float(model.vocab) * dm
-    act_units = model.dense_layers * tm * float(model.ffn_hidden)
-    moe = model.moe
+    # L (22 + 10 replay) TM + 9 TM + VM, all times bytes per element and microbatches
+    norms = (t * (dm * per_step)) * ((lyr * 22.0 + 9.0) + (lyr * 10.0) * replay) + v * dm * per_step
+    hidden = float(model.dense_layers * model.ffn_hidden)  # units per token (before / m)
     route = 0.0 * t
+    moe = model.moe
     if moe is not None:
-        e, k = float(moe.num_experts), float(moe.top_k)
-        slots_m = moe.num_experts * capacity(model, t) / plans.model
-        act_units = act_units + model.moe_layers * (slots_m * moe.expert_hidden + tm * shared_hidden(model))
-        route = model.moe_layers * ((3.0 * t * e + 6.0 * k * t * e) * (1.0 + replay) + 3.0 * t * e)
-    acts = act_units * (fwd_a * (1.0 + replay) + bwd_a)
+        hidden += float(model.moe_layers * shared_hidden(model))
+        e, k, lm = float(moe.num_experts), float(moe.top_k), float(model.moe_layers)
+        route = (t * (lm * e * f32_step)) * ((3.0 + 6.0 * k) * (1.0 + replay) + 3.0)
+        units = (t * hidden + capacity(model, t) * float(model.moe_layers * moe.num_experts * moe.expert_hidden)) * inv_m
+    else:
+        units = t * hidden * inv_m
     return {
-        "norms_residuals": norms * cb * f_b,
-        "activations": acts * cb * f_b,
-        "routing": route * F32 * f_b,
-        "loss_softmax": 4.0 * t * float(model.vocab) * F32 * f_b,
+        "norms_residuals": norms,
+        "activations": units * ((fwd_a + bwd_a) * per_step + (fwd_a * per_step) * replay),
+        "routing": route,
+        "loss_softmax": t * (4.0 * v * f32_step),
     }
