@@ -398,6 +398,13 @@ def suggest_mesh_cmd(
     output.emit(report, fmt, _suggest_tables)
 
 
+def _outcome(result: search.SearchResult) -> dict:
+    """Whether a search found a plan, its step time and its best row (None when it did not)."""
+    ok = result.feasible
+    return {"feasible": ok, "step_time_s": result.best_step_s if ok else None,
+            "best": result.rows()[0] if ok else None}
+
+
 def _trade_dict(trade: search.CapacityTrade) -> dict:
     """Each capacity factor's best plan and its predicted drops, and the one chosen."""
     return {
@@ -406,10 +413,8 @@ def _trade_dict(trade: search.CapacityTrade) -> dict:
         "factors": [
             {
                 "capacity_factor": c.capacity_factor,
-                "feasible": c.result.feasible,
-                "step_time_s": c.result.best_step_s if c.result.feasible else None,
+                **_outcome(c.result),
                 "dropped_fraction": c.dropped_fraction if c.result.feasible else None,
-                "best": c.result.rows()[0] if c.result.feasible else None,
                 "rejected": dict(c.result.rejected.counts),
             }
             for c in trade.choices
@@ -489,11 +494,9 @@ def _proposal_dict(p: search.ExpertProposal) -> dict:
         "counts": [
             {
                 "num_experts": c.num_experts,
-                "feasible": c.result.feasible,
-                "step_time_s": c.result.best_step_s if c.result.feasible else None,
+                **_outcome(c.result),
                 "step_time_ratio": c.step_ratio if c.result.feasible else None,
                 "within_budget": c.within_budget,
-                "best": c.result.rows()[0] if c.result.feasible else None,
                 "params_total": total_params(c.result.model),
                 "rejected": dict(c.result.rejected.counts),
             }

@@ -292,19 +292,20 @@ def _check_counts(ops: list[HloCollective]) -> None:
 
 def wire_bytes_by_kind(ops: list[HloCollective]) -> dict[str, float]:
     """Bytes each device sends per step, by kind (traffic.bytes_by_kind's convention)."""
-    _check_counts(ops)
-    totals = {k: 0.0 for k in KINDS}
-    for o in ops:
-        totals[o.kind] += o.wire_bytes * o.count
-    return totals
+    return _per_kind(ops, "wire_bytes")
 
 
 def buffer_bytes_by_kind(ops: list[HloCollective]) -> dict[str, float]:
     """Sum of buffer bytes times executions, by kind (group size ignored)."""
+    return _per_kind(ops, "buffer_bytes")
+
+
+def _per_kind(ops: list[HloCollective], field: str) -> dict[str, float]:
+    """Sum of one per-op byte figure times executions, by kind (every kind present)."""
     _check_counts(ops)
     totals = {k: 0.0 for k in KINDS}
     for o in ops:
-        totals[o.kind] += o.buffer_bytes * o.count
+        totals[o.kind] += getattr(o, field) * o.count
     return totals
 
 
