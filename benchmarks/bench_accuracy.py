@@ -19,7 +19,10 @@ per candidate the predicted and measured drop fraction of the first step.
 
 Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--steps 10]
        [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
-       [--routing SPEC] [-o out.json]
+       [--routing SPEC] [--rounds N] [-o out.json]
+
+--rounds N compiles every mesh of a shape first and times them in N interleaved rounds
+(`moeplan profile --rounds`), so load drifting during the run hits all meshes alike.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--routing", help="drive the router to this law (uniform, zipf:S, hist:FILE)")
+    ap.add_argument("--rounds", type=int, default=1, help="time the meshes in N interleaved rounds")
     ap.add_argument("-o", "--output", help="write every result as JSON here")
     args = ap.parse_args()
 
@@ -139,7 +143,7 @@ def main() -> None:
         meshes = prof.candidate_meshes(model, train, hw, args.devices)
         routing = bal.parse_routing(args.routing) if args.routing else None
         req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup,
-                                  routing=routing)
+                                  routing=routing, rounds=args.rounds)
         t0 = time.perf_counter()
         report = prof.run_profile(req)
         print(f"{name}: {len(meshes)} meshes in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)

@@ -43,6 +43,7 @@ def test_calibrate_refuses_to_overwrite_a_user_file(tmp_path):
 
 def test_bad_profile_options_are_one_line_errors():
     assert "--steps must be at least 1" in fails("profile", "--steps", "0", "--hardware", "cpu")
+    assert "--rounds must be at least 1" in fails("profile", "--rounds", "0", "--hardware", "cpu")
     assert "--format" in fails("profile", "--format", "xml", "--hardware", "cpu")
     err = fails("profile", "--hardware", "cpu", "--devices", "8", "--mesh", "data=3")
     assert "has 3 devices" in err
@@ -124,6 +125,21 @@ def test_profile_json_on_tiny_moe(single_process):
     assert s["comm_bytes_exact"] is True and s["measured"] == 1 and s["failed"] == 0
     assert s["median_abs_error"] == pytest.approx(abs(r["comparison"]["step_time_ratio"] - 1))
     assert s["spearman"] is None and s["top1_regret"] is None  # one candidate ranks nothing
+
+
+@pytest.mark.slow
+def test_profile_rounds_times_two_meshes_interleaved(single_process):
+    """--rounds 2: both meshes compiled first, then timed in 2 rounds; same bytes as alone."""
+    other = "data=2,expert=4,model=1"
+    result = runner.invoke(app, [*PROFILE, "--mesh", other, "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["rounds"] == 2 and [r["mesh"] for r in doc["results"]] == [MESH, other]
+    for r in doc["results"]:
+        assert r["error"] is None and len(r["measured"]["step_times_s"]) == 2  # a median per round
+        assert all(r["comparison"]["comm_bytes_match"].values())
+    alone = single_process[0]["results"][0]["measured"]["comm_bytes_per_device"]
+    assert doc["results"][0]["measured"]["comm_bytes_per_device"] == alone
 
 
 @pytest.mark.slow

@@ -92,26 +92,50 @@ def test_measured_record_round_trip_keeps_extra_fields():
     assert back.record() == rec
 
 
-def test_measure_task_reports_a_failing_candidate_and_goes_on(monkeypatch):
-    """One mesh that fails to build must not stop the others (no jax needed: measure_one faked)."""
+def _fake_prepare(model, train, mesh, devices, *, phase, options=None):
+    """A compiled candidate without jax: a model=2 mesh runs out of memory; steps cost
+    1 ms per data shard, so rounds can be told apart."""
+    import time
+
+    if mesh.model == 2:
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating 9 GiB")
+    record = {k: v for k, v in meas(0.1, {"all-reduce": 1.0}).record().items() if not k.startswith("step_time")}
+    return profile.Prepared(None, lambda: time.sleep(1e-3 * mesh.data), record, [], mesh, train)
+
+
+def _payload(meshes: list[str], rounds: int = 1) -> dict:
     from moeplan import presets
 
-    def fake_measure(model, train, mesh, devices, *, steps, warmup, phase, options=None):
-        if mesh.model == 2:
-            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating 9 GiB")
-        return meas(0.1, {"all-reduce": 1.0}).record()
-
-    monkeypatch.setattr(profile, "measure_one", fake_measure)
-    monkeypatch.setattr(profile, "release_memory", lambda: None)
-    events = []
     model = presets.load_model("tiny-moe")
     train = presets.load_train(None, seq_len=32, global_batch=8)
-    payload = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-               "meshes": ["data=4,model=2", "data=8"], "steps": 1, "warmup": 0}
-    profile.measure_task(payload, list(range(8)), events.append)
-    kinds = [(e["event"], e.get("index")) for e in events]
+    return {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+            "meshes": meshes, "steps": 4, "warmup": 0, "rounds": rounds}
+
+
+def test_measure_task_reports_a_failing_candidate_and_goes_on(monkeypatch):
+    """One mesh that fails to build must not stop the others (no jax needed: prepare_one faked)."""
+    monkeypatch.setattr(profile, "prepare_one", _fake_prepare)
+    monkeypatch.setattr(profile, "release_memory", lambda: None)
+    events = []
+    profile.measure_task(_payload(["data=4,model=2", "data=8"]), list(range(8)), events.append)
+    kinds = [(e["event"], e.get("index")) for e in events if e["event"] != "phase"]
     assert kinds == [("start", None), ("error", 0), ("result", 1)]
     assert events[1]["reason"].startswith("out of memory")
+
+
+def test_rounds_time_every_candidate_after_all_compiled(monkeypatch):
+    """--rounds: failures still reported, then every good candidate timed in rounds."""
+    monkeypatch.setattr(profile, "prepare_one", _fake_prepare)
+    monkeypatch.setattr(profile, "release_memory", lambda: None)
+    events = []
+    profile.measure_task(_payload(["data=8", "data=4,model=2", "data=2,expert=4"], rounds=2), list(range(8)),
+                         events.append)
+    kinds = [(e["event"], e.get("index")) for e in events if e["event"] != "phase"]
+    assert kinds == [("start", None), ("error", 1), ("result", 0), ("result", 2)]
+    slow, fast = events[-2]["measured"], events[-1]["measured"]
+    assert len(slow["step_times_s"]) == 2  # one median per round
+    assert slow["step_time_s"] > fast["step_time_s"] >= 2e-3  # 8 ms vs 2 ms steps
+    assert slow["comm_bytes_per_device"] == {"all-reduce": 1.0}  # what compile read is kept
 
 
 def test_interrupt_keeps_what_was_measured(monkeypatch):

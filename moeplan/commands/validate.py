@@ -99,6 +99,9 @@ def profile_cmd(
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per mesh (median reported); each is a "
                                        "real training step on the same batch.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before timing.")] = 3,
+    rounds: Annotated[int, typer.Option(
+        "--rounds", help="Time all meshes in N interleaved rounds of steps/N steps (after compiling all), so "
+        "load that drifts during the run hits every mesh alike; 1: one mesh after another.")] = 1,
     train_file: Annotated[Optional[str], typer.Option("--train", help="TrainSpec YAML (options below override it).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=f"Tokens per sequence (default {DEFAULT_SEQ_LEN}).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", help=f"Global batch in sequences (default {DEFAULT_BATCH}).")] = None,
@@ -124,7 +127,7 @@ def profile_cmd(
 ) -> None:
     """Compile and time the real sharded step on candidate meshes; compare with the cost model."""
     fmt = output.check_choice("--format", fmt, ("table", "json"))
-    _check_counts(steps=steps, warmup=warmup, top=top)
+    _check_counts(steps=steps, warmup=warmup, top=top, rounds=rounds)
     if remat is not None:
         remat = output.check_choice("--remat", remat, ("none", "selective", "full"))
     spec = _routing_spec(routing, learning_rate, target)
@@ -162,7 +165,7 @@ def profile_cmd(
                                            cluster=cluster, recalibrate=recalibrate, on_event=bar)
     meshes = prof.candidate_meshes(model, train, hw, ident["count"], mesh, top)
     req = prof.ProfileRequest(model, train, hw, meshes, ident["count"], processes, steps, warmup, cluster,
-                              routing=spec, learning_rate=learning_rate)
+                              routing=spec, learning_rate=learning_rate, rounds=rounds)
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)
@@ -193,7 +196,7 @@ def _routing_spec(routing: str | None, learning_rate: float | None, target: str 
 
 
 def _check_counts(**values: int | None) -> None:
-    limits = {"steps": 1, "warmup": 0, "top": 1}
+    limits = {"steps": 1, "warmup": 0, "top": 1, "rounds": 1}
     for name, value in values.items():
         if value is not None and value < limits[name]:
             raise MoeplanError(f"--{name} must be at least {limits[name]} (got {value})")

@@ -45,6 +45,7 @@ class ProfileRequest:
     steps: int = 10
     warmup: int = 3
     cluster: bool = False
+    rounds: int = 1  # >1: time all candidates in interleaved rounds (measure_task)
     routing: bal.Routing | None = None  # drive the real router to this law (None: leave it alone)
     learning_rate: float | None = None  # StepOptions.learning_rate override (None: the step's default)
 
@@ -75,6 +76,7 @@ class ProfileReport:
                       "remat": t.remat, "compute_dtype": t.compute_dtype, "param_dtype": t.param_dtype},
             "steps": r.steps,
             "warmup": r.warmup,
+            "rounds": r.rounds,
             "routing": None if r.routing is None else str(r.routing),
             "learning_rate": r.learning_rate,
             "interrupted": self.interrupted,
@@ -208,6 +210,7 @@ def payload(req: ProfileRequest) -> dict:
         "meshes": [str(m) for m in req.meshes],
         "steps": req.steps,
         "warmup": req.warmup,
+        "rounds": req.rounds,
         "options": skew.step_options(req.model, req.routing, req.learning_rate),
     }
 
@@ -216,40 +219,72 @@ def payload(req: ProfileRequest) -> dict:
 
 
 def measure_task(payload: dict, devices: list, emit: Emit) -> None:
-    """Compile, time and read back every candidate mesh; one event per candidate."""
+    """Compile, time and read back every candidate mesh; one event per candidate.
+
+    With `rounds` > 1 every candidate is compiled and warmed up first, then all are timed
+    in interleaved rounds (validate/rounds.py), so load that drifts over the minutes a run
+    takes hits every candidate alike instead of whichever ran then; all compiled programs
+    and states are alive at once for that.
+    """
     model = ModelSpec.model_validate(payload["model"])
     train = TrainSpec.model_validate(payload["train"])
     meshes = [Mesh.parse(m) for m in payload["meshes"]]
+    rounds = int(payload.get("rounds", 1))
+    interleave = rounds > 1 and len(meshes) > 1
     emit({"event": "start", "total": len(meshes)})
+    ready: dict[int, Prepared] = {}
     for i, mesh in enumerate(meshes):
-        phase = lambda name, done=0, total=0, i=i: emit(  # noqa: E731
+        phase = lambda name, done=0, total=0, i=i, mesh=mesh: emit(  # noqa: E731
             {"event": "phase", "index": i, "mesh": str(mesh), "phase": name, "done": done, "total": total})
         try:
-            rec = measure_one(model, train, mesh, devices[: mesh.devices], steps=payload["steps"],
-                              warmup=payload["warmup"], phase=phase, options=payload.get("options"))
+            prep = prepare_one(model, train, mesh, devices[: mesh.devices], phase=phase,
+                               options=payload.get("options"))
+            if not interleave:
+                _emit_result(emit, i, mesh, time_alone(prep, payload["steps"], payload["warmup"], phase))
+            else:
+                warm_up(prep, payload["warmup"])
+                ready[i] = prep
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (any failure of one candidate is reported, not fatal)
-            emit({"event": "error", "index": i, "mesh": str(mesh), "reason": failure_reason(e)})
-        else:
-            emit({"event": "result", "index": i, "mesh": str(mesh), "measured": rec})
+            emit({"event": "error", "index": i, "mesh": str(meshes[i]), "reason": failure_reason(e)})
         finally:
-            release_memory()
+            # clearing jax's caches would drop the kept candidates' compiled steps: only gc then
+            release_memory() if not interleave else gc.collect()
+    if ready:
+        emit({"event": "phase", "index": min(ready), "mesh": "all", "phase": "rounds", "done": 0, "total": rounds})
+        for i, rec in time_in_rounds(ready, payload["steps"], rounds).items():
+            _emit_result(emit, i, meshes[i], rec)
+        ready.clear()
+        release_memory()
 
 
-def measure_one(model: ModelSpec, train: TrainSpec, mesh: Mesh, devices: list, *,
-                steps: int, warmup: int, phase: Callable[..., None], options: dict | None = None) -> dict:
-    """One candidate: build, compile (timed), read HLO, init, run and time; the `measured` record.
+def _emit_result(emit: Emit, i: int, mesh: Mesh, record: dict) -> None:
+    emit({"event": "result", "index": i, "mesh": str(mesh), "measured": record})
+
+
+@dataclass
+class Prepared:
+    """One compiled candidate ready to run: its step closure and what was read at compile."""
+
+    built: object
+    run: Callable[[], object]
+    record: dict  # the `measured` record minus the timing
+    history: list  # metrics of every step run (driven router only)
+    mesh: Mesh
+    train: TrainSpec
+
+
+def prepare_one(model: ModelSpec, train: TrainSpec, mesh: Mesh, devices: list, *,
+                phase: Callable[..., None], options: dict | None = None) -> Prepared:
+    """Build, compile (timed), read the HLO and memory, initialise; no step run yet.
 
     `options` are StepOptions keywords (`skew.step_options`); with a router bias the router
-    starts at zero so the first step routes exactly by the law, and the record gets a
-    `routing` entry read from every step's metrics vector (kept on device while timing and
-    read after it, so the timed loop has no extra host sync).
+    starts at zero so the first step routes exactly by the law, and every step's metrics
+    vector is kept (on device while timing, read after it: no extra host sync).
     """
-    import jax
-
     from moeplan.validate import StepOptions, build_step, hlo
-    from moeplan.validate.timing import time_compile, time_steps
+    from moeplan.validate.timing import time_compile
 
     options = skew.step_kwargs(options)
     driven = options.get("router_bias") is not None
@@ -268,22 +303,57 @@ def measure_one(model: ModelSpec, train: TrainSpec, mesh: Mesh, devices: list, *
             history.append(metrics)
         return box[0], metrics
 
-    timing = time_steps(run, steps=steps, warmup=warmup, sync=jax.block_until_ready,
-                        on_step=lambda d, t: phase("run", d, t))
     record = {
-        "step_time_s": timing.median_s,
-        "step_time_cv": timing.cv,
         "compile_s": compile_s,
         "comm_bytes_per_device": {k: v for k, v in comm.items() if v or k != "collective-permute"},
         "flops_per_device": hlo.flops(compiled),
         "bytes_accessed_per_device": bytes_accessed(compiled),
         "memory_bytes_per_device": peak_bytes(mem),
         "memory_analysis": mem,
-        "step_times_s": list(timing.times_s),
     }
-    if driven:
+    return Prepared(built, run, record, history, mesh, train)
+
+
+def warm_up(prep: Prepared, steps: int) -> None:
+    import jax
+
+    for _ in range(steps):
+        jax.block_until_ready(prep.run())
+
+
+def time_alone(prep: Prepared, steps: int, warmup: int, phase: Callable[..., None]) -> dict:
+    """Time one candidate on its own: `warmup` untimed steps, then `steps` timed ones."""
+    import jax
+
+    from moeplan.validate.timing import time_steps
+
+    timing = time_steps(prep.run, steps=steps, warmup=warmup, sync=jax.block_until_ready,
+                        on_step=lambda d, t: phase("run", d, t))
+    return finish(prep, timing.median_s, timing.cv, list(timing.times_s))
+
+
+def time_in_rounds(ready: dict[int, Prepared], steps: int, rounds: int) -> dict[int, dict]:
+    """Every warmed-up candidate timed in `rounds` interleaved rounds of steps // rounds steps
+    (at least 1) on the wall clock; step time = median of the per-round medians."""
+    import jax
+
+    from moeplan.validate import rounds as rounds_lib
+    from moeplan.validate.timing import coefficient_of_variation
+
+    runs = {str(i): prep.run for i, prep in ready.items()}
+    timed = rounds_lib.measure(runs, rounds=rounds, steps=max(1, steps // rounds), max_cv=float("inf"),
+                               remeasure=0, clock="wall", sync=jax.block_until_ready)
+    return {i: finish(ready[i], timed[str(i)].wall_time_s, coefficient_of_variation(timed[str(i)].wall_s),
+                      list(timed[str(i)].wall_s)) for i in ready}
+
+
+def finish(prep: Prepared, median_s: float, cv: float, times_s: list[float]) -> dict:
+    """The `measured` record: what compile read, the timing, and the routing read-out."""
+    record = {"step_time_s": median_s, "step_time_cv": cv, **prep.record, "step_times_s": times_s}
+    if prep.history:
+        built = prep.built
         record["routing"] = skew.measured_routing(
-            [built.metrics_dict(m) for m in history], groups=skew.routing_groups(mesh, train),
+            [built.metrics_dict(m) for m in prep.history], groups=skew.routing_groups(prep.mesh, prep.train),
             tokens=built.tokens_per_microbatch, capacity=built.capacity,
             learning_rate=built.options.learning_rate)
     return record
