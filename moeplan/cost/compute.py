@@ -189,14 +189,12 @@ def op_work(
     forward = _forward_per_layer(model, train, plans, t)
     zero = np.zeros(len(plans))
     work: dict[str, Work] = {}
-    for name in OP_CLASSES:
-        if name in elementwise.CLASSES or name == "optimizer_update":
-            continue
-        if name not in forward or layers[name] == 0:
+    for name, count in layers.items():  # the per-layer classes; the rest follow below
+        if name not in forward or count == 0:
             work[name] = Work(zero, zero)
             continue
         op = forward[name]
-        k = layers[name] * mult.get(name, block)
+        k = count * mult.get(name, block)
         if name == "expert_ffn" and not np.all(np.equal(expert_factor, 1.0)):
             k = k * expert_factor
         no_flops = np.isscalar(op.flops) and op.flops == 0.0

@@ -338,13 +338,16 @@ def time_in_rounds(ready: dict[int, Prepared], steps: int, rounds: int) -> dict[
     import jax
 
     from moeplan.validate import rounds as rounds_lib
-    from moeplan.validate.timing import coefficient_of_variation
 
     runs = {str(i): prep.run for i, prep in ready.items()}
     timed = rounds_lib.measure(runs, rounds=rounds, steps=max(1, steps // rounds), max_cv=float("inf"),
                                remeasure=0, clock="wall", sync=jax.block_until_ready)
-    return {i: finish(ready[i], timed[str(i)].wall_time_s, coefficient_of_variation(timed[str(i)].wall_s),
-                      list(timed[str(i)].wall_s)) for i in ready}
+    # on the wall clock the judged times are the wall times: median, spread, per-round values
+    out = {}
+    for i, prep in ready.items():
+        t = timed[str(i)]
+        out[i] = finish(prep, t.time_s, t.time_cv, list(t.times_s))
+    return out
 
 
 def finish(prep: Prepared, median_s: float, cv: float, times_s: list[float]) -> dict:
