@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
-
 from moeplan.errors import MoeplanError
 
 FORMATS = ("table", "json", "yaml")
@@ -50,6 +48,8 @@ def console():
 
 def jsonable(value: Any) -> Any:
     """Plain Python values (dicts, lists, str, int, float, bool, None) from numpy and friends."""
+    import numpy as np  # here, not at the top: `moeplan --help` and the formatters need no numpy
+
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -89,8 +89,18 @@ def parse_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     except OSError as e:
         raise MoeplanError(f"cannot read {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
+        # Parse once (what yaml.safe_load does, keeping the tree for error lines): parsing is
+        # most of `moeplan presets`' time. Building data rewrites merge keys (<<) in the
+        # tree, so such a file is parsed again for an untouched tree.
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            rewritten = _has_merge_keys(root)
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+        if rewritten:
+            root = yaml.compose(text)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise MoeplanError(f"{path}:{line}: malformed YAML: {e.problem}") from None
@@ -99,6 +109,28 @@ def parse_yaml(path: Path) -> tuple[dict, yaml.Node | None]:
     if not isinstance(data, dict):
         raise MoeplanError(f"{path}:1: expected a mapping of fields, got {type(data).__name__}")
     return data, root
+
+
+def _has_merge_keys(root: yaml.Node | None) -> bool:
+    """Whether a mapping in the tree has a '<<' or '=' key, which SafeLoader rewrites in place.
+
+    Each node is visited once: aliases share nodes, and a tree of aliases can be exponentially
+    larger than the file.
+    """
+    todo, seen = [root], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):
+                    return True
+                todo.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+    return False
 
 
 def build(cls: type[T], data: dict, where: str, root: yaml.Node | None = None) -> T:

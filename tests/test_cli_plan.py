@@ -315,6 +315,41 @@ def test_cli_import_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_help_imports_no_numpy_yaml_specs_or_cost_model():
+    """Registering the commands and printing --help must not pay for the planning libraries."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from moeplan.cli import app\n"
+        "res = CliRunner().invoke(app, ['--help'])\n"
+        "assert res.exit_code == 0 and 'suggest-mesh' in res.output, res.output\n"
+        "heavy = ['jax', 'numpy', 'yaml', 'moeplan.specs', 'moeplan.presets', 'moeplan.search',\n"
+        "         'moeplan.cost.step', 'moeplan.cost.balance', 'moeplan.validate.suite']\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, f'imported by --help: {loaded}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_option_defaults_spelled_out_for_fast_help_match_the_library():
+    from moeplan.commands import balance as balance_cmds
+    from moeplan.commands import plan
+    from moeplan.cost import balance
+
+    assert plan.DEFAULT_MAX_STEP_INCREASE == search.DEFAULT_MAX_STEP_INCREASE
+    assert balance_cmds.DEFAULT_SEED == balance.DEFAULT_SEED
+
+
+def test_error_line_in_a_file_with_merge_keys(tmp_path):
+    """A merged key ('<<') is not a line of its own: the error names the enclosing key's line,
+    as a freshly parsed tree gives it (building the data rewrites merge keys in the tree)."""
+    text = ("d_model: 64\nlayers: 2\nheads: 4\nvocab: 256\nffn_hidden: 128\n"
+            "moe:\n  <<: {num_experts: 4, top_k: 0}\n  expert_hidden: 64\n")
+    path = write(tmp_path, "merged.yaml", text)
+    line = one_error("suggest-mesh", "--model", path, "--devices", "8")
+    assert line.startswith(f"error: {path}:6: invalid value for 'moe.top_k'"), line
+
+
 def test_planning_commands_do_not_import_jax():
     code = (
         "import sys, json\n"

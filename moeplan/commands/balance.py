@@ -10,19 +10,24 @@ All numbers come from `moeplan.cost.balance`; this module only parses and render
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 
-from moeplan import output, presets
+from moeplan import output
 from moeplan.commands.guard import guarded
-from moeplan.cost import balance as bal
-from moeplan.cost.layout import Plans, tokens_per_microbatch
 from moeplan.errors import MoeplanError
-from moeplan.specs import DTYPE_BYTES, Mesh, ModelSpec, TrainSpec
+
+# numpy, pydantic (specs, presets) and the cost model are imported inside the functions that
+# use them, so that registering this command (every `moeplan` run, `--help` too) stays cheap.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from moeplan.cost import balance as bal
+    from moeplan.specs import Mesh, ModelSpec
 
 DEFAULT_FACTORS = "1.0,1.25,1.5,2.0,dropless"
+DEFAULT_SEED = 0  # = moeplan.cost.balance.DEFAULT_SEED, spelled out so --help needs no numpy (tested)
 BAR_WIDTH = 44
 MAX_BARS = 32
 
@@ -53,6 +58,9 @@ def parse_factors(text: str) -> list[float | None]:
 
 def _group_tokens(mesh, tokens, seq_len, batch, batch_tokens, grad_accum) -> int:
     """T per routing group: --tokens, else one device's microbatch for --mesh and the batch."""
+    from moeplan import presets
+    from moeplan.cost.layout import Plans, tokens_per_microbatch
+
     if tokens is not None:
         if tokens < 1:
             raise MoeplanError(f"--tokens must be positive (got {tokens})")
@@ -95,7 +103,7 @@ def balance_cmd(
     batch: Annotated[Optional[int], typer.Option("--batch", help="Global batch in sequences (with --mesh).")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Global batch in tokens (with --mesh).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Microbatches per step (with --mesh).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the Monte Carlo for max loads.")] = bal.DEFAULT_SEED,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the Monte Carlo for max loads.")] = DEFAULT_SEED,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or yaml.")] = "table",
 ) -> None:
     """Drop rate, max/mean load and expert-time inflation of skewed routing, per capacity factor."""
@@ -105,6 +113,10 @@ def balance_cmd(
 
 def _balance(model_name, routing, capacity_factor, capacity, experts, top_k, tokens, mesh_text,
              seq_len, batch, batch_tokens, grad_accum, seed, fmt) -> None:
+    from moeplan import presets
+    from moeplan.cost import balance as bal
+    from moeplan.specs import Mesh
+
     fmt = output.check_format(fmt)
     spec = bal.parse_routing(routing)
     factors = parse_factors(capacity_factor)
@@ -144,6 +156,8 @@ def _per_device_cost(model: ModelSpec, slots: float, x: int, m: int) -> dict:
     leaves the device (Thakur et al. 2005; same convention as cost/traffic.py); a ragged
     dropless kernel sends the busiest device's tokens instead.
     """
+    from moeplan.specs import DTYPE_BYTES, TrainSpec
+
     moe = model.moe
     flops = 2.0 * slots * model.ffn_matrices * model.d_model * moe.expert_hidden / m
     buf = slots * model.d_model * DTYPE_BYTES[TrainSpec.model_fields["compute_dtype"].default]
@@ -212,6 +226,8 @@ def _chart(res: bal.Balance, row_index: int, label: str, top: float):
     drops that random fluctuations alone cause at a tight capacity.
     """
     from rich.text import Text
+
+    from moeplan.cost import balance as bal
 
     row = res.rows[row_index]
     capped = row.capacity_factor is not None
@@ -284,6 +300,8 @@ def _grouping_note(out, bars: int, experts: int) -> None:
 def _buckets(key: np.ndarray, *series: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
     """At most MAX_BARS bars: consecutive experts grouped, each bar the expert of its group
     with the largest `key`, read from every one of `series` (so kept stays with its total)."""
+    import numpy as np
+
     e = len(key)
     if e <= MAX_BARS:
         return [f"e{i}" for i in range(e)], [np.asarray(s) for s in series]

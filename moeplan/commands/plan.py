@@ -7,25 +7,30 @@ as a table, JSON or YAML. No jax here: planning must start in well under a secon
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from moeplan import output, presets, search
+from moeplan import output
 from moeplan.commands import balance as balance_cmds
 from moeplan.commands.guard import guarded
-from moeplan.cost import balance
-from moeplan.cost import step as cost_step
-from moeplan.cost.collectives import entry_key
-from moeplan.cost.layout import Plans, activated_params, total_params
-from moeplan.cost.traffic import step_collectives
 from moeplan.errors import MoeplanError
-from moeplan.specs import HardwareProfile, Mesh, ModelSpec, TrainSpec
+
+# The search, the cost model, presets and specs (numpy, pydantic, yaml) are imported inside
+# the functions that use them: every `moeplan` run imports this module to register its
+# commands, and `moeplan --help` or another command's run should not pay for them.
+if TYPE_CHECKING:
+    from moeplan import search
+    from moeplan.cost import balance
+    from moeplan.cost import step as cost_step
+    from moeplan.specs import HardwareProfile, Mesh, ModelSpec, TrainSpec
 
 DEFAULT_MODEL = "mixtral-8x7b"
 DEFAULT_HARDWARE = "h100-sxm"
 DEFAULT_DEVICES = 64
 SECONDS_PER_DAY = 86400.0
+# = moeplan.search.DEFAULT_MAX_STEP_INCREASE, spelled out so --help needs no numpy (tested)
+DEFAULT_MAX_STEP_INCREASE = 0.2
 
 # ---- options shared by commands ---------------------------------------------------------
 
@@ -52,6 +57,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _load_train(path, seq_len, batch, batch_tokens, grad_accum, compute_dtype, **extra) -> TrainSpec:
+    from moeplan import presets
+
     return presets.load_train(
         path,
         seq_len=seq_len,
@@ -90,6 +97,8 @@ def _header(model: ModelSpec, hw: HardwareProfile, devices: int, train: TrainSpe
 @guarded
 def presets_cmd(fmt: FormatOpt = "table") -> None:
     """List hardware and model presets with their key figures."""
+    from moeplan import presets
+
     fmt = output.check_format(fmt)
     data = {
         "schema_version": output.SCHEMA_VERSION,
@@ -117,6 +126,8 @@ def _hardware_figures(hw: HardwareProfile) -> dict:
 
 
 def _model_summary(model: ModelSpec) -> dict:
+    from moeplan.cost.layout import activated_params, total_params
+
     moe = model.moe
     return {
         "name": model.name,
@@ -180,6 +191,9 @@ def estimate_cmd(
     fmt: FormatOpt = "table",
 ) -> None:
     """Predict one plan term by term: compute, each collective, memory, step time, MFU."""
+    from moeplan import presets, search
+    from moeplan.specs import Mesh
+
     fmt = output.check_format(fmt)
     if remat is not None:
         remat = output.check_choice("--remat", remat, search.REMAT_CODES)
@@ -191,7 +205,7 @@ def estimate_cmd(
         raise MoeplanError(
             f"mesh {the_mesh} has {the_mesh.devices} devices, but --devices is {devices}"
         )
-    spec = balance.parse_routing(routing) if routing is not None else None
+    spec = _routing_spec(routing)
     factors = _capacity_factors(capacity_factor)
     if len(factors) > 1:
         raise MoeplanError("estimate takes one --capacity-factor (suggest-mesh compares several)")
@@ -199,6 +213,17 @@ def estimate_cmd(
     hw = presets.load_hardware(hardware_name)
     train = _load_train(train_file, seq_len, batch, batch_tokens, grad_accum, compute_dtype, fsdp=fsdp, remat=remat)
     output.emit(estimate_report(model, train, hw, the_mesh, routing=spec), fmt, _estimate_tables)
+
+
+def _routing_spec(text: str | None, max_drop: float | None = None) -> balance.Routing | None:
+    """--routing parsed; None when neither it nor --max-drop is given (no routing model)."""
+    if text is None and max_drop is None:
+        return None
+    from moeplan.cost import balance  # only when routing is modelled: ~10 ms of numpy set-up
+
+    if text is not None:
+        return balance.parse_routing(text)
+    return balance.UNIFORM  # even balanced routing drops what random fluctuations overflow
 
 
 def _capacity_factors(text: str | None) -> list:
@@ -222,6 +247,10 @@ def estimate_report(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, mes
     With `routing`, the routing model (moeplan.cost.balance) adds drops and, dropless, the
     busiest device's expert compute to the estimate, and `detail.routing` says how much.
     """
+    from moeplan import search
+    from moeplan.cost import step as cost_step
+    from moeplan.cost.layout import Plans
+
     problems = search.mesh_problems(model, train, mesh)
     if problems:
         raise MoeplanError(f"mesh {mesh} is not valid for {model.name}: " + "; ".join(problems))
@@ -230,6 +259,8 @@ def estimate_report(model: ModelSpec, train: TrainSpec, hw: HardwareProfile, mes
     if routing is None:
         est = cost_step.estimate(model, train, hw, plans)
     else:
+        from moeplan.cost import balance
+
         effect = balance.routing_effect(model, train, plans, routing, expert_max=True)
         est = cost_step.estimate(model, train, hw, plans, routing=effect)
     row = search.plan_row(est, 0)
@@ -265,6 +296,9 @@ def _routing_detail(model: ModelSpec, effect: balance.RoutingEffect, est: cost_s
 
 def _collective_rows(est: cost_step.Estimates, model: ModelSpec, train: TrainSpec) -> list[dict]:
     """Each collective of the step (moeplan.cost.traffic) with its bytes and time, for plan 0."""
+    from moeplan.cost.collectives import entry_key
+    from moeplan.cost.traffic import step_collectives
+
     plans = est.plans
     rows: dict[str, dict] = {}
     for c in step_collectives(model, train, plans):
@@ -349,7 +383,7 @@ def suggest_mesh_cmd(
     devices: Annotated[int, typer.Option("--devices", "-n", help="Number of accelerators.")] = DEFAULT_DEVICES,
     top: Annotated[int, typer.Option("--top", help="How many plans to show.")] = 5,
     experts: Annotated[Optional[str], typer.Option("--experts", help="Expert counts to compare, e.g. 8,16,32,64.")] = None,
-    max_step_increase: Annotated[float, typer.Option("--max-step-increase", help="Step-time budget over the dense backbone (0.2 = 20%).")] = search.DEFAULT_MAX_STEP_INCREASE,
+    max_step_increase: Annotated[float, typer.Option("--max-step-increase", help="Step-time budget over the dense backbone (0.2 = 20%).")] = DEFAULT_MAX_STEP_INCREASE,
     fsdp: Annotated[str, typer.Option("--fsdp", help="auto (try both), on or off.")] = "auto",
     remat: Annotated[str, typer.Option("--remat", help="auto (try all), none, selective or full.")] = "auto",
     train_file: TrainOpt = None,
@@ -365,14 +399,14 @@ def suggest_mesh_cmd(
     fmt: FormatOpt = "table",
 ) -> None:
     """Rank every data x expert x model mesh (and FSDP / remat choice) by predicted step time."""
+    from moeplan import presets, search
+
     fmt = output.check_format(fmt)
     _positive("--devices", devices, "the number of accelerators")
     _positive("--top", top, "how many plans to show")
     if max_drop is not None and not 0 <= max_drop < 1:
         raise MoeplanError(f"--max-drop must be a fraction in [0, 1) (got {max_drop}), e.g. 0.01 for 1%")
-    spec = balance.parse_routing(routing) if routing is not None else None
-    if spec is None and max_drop is not None:
-        spec = balance.UNIFORM  # even balanced routing drops what random fluctuations overflow
+    spec = _routing_spec(routing, max_drop)
     options = search.SearchOptions(fsdp=_fsdp_choices(fsdp), remat=_remat_choices(remat), top=top,
                                    routing=spec, max_drop=max_drop)
     counts = _parse_counts(experts) if experts is not None else None
@@ -429,11 +463,15 @@ def _fsdp_choices(value: str) -> tuple[bool, ...]:
 
 
 def _remat_choices(value: str) -> tuple[str, ...]:
+    from moeplan import search
+
     value = output.check_choice("--remat", value, ("auto", *search.REMAT_CODES))
     return tuple(search.REMAT_CODES) if value == "auto" else (value,)
 
 
 def _parse_counts(text: str) -> list[int]:
+    from moeplan import search
+
     try:
         counts = [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
@@ -448,9 +486,11 @@ def suggest_report(
     devices: int,
     options: search.SearchOptions,
     counts: list[int] | None = None,
-    max_step_increase: float = search.DEFAULT_MAX_STEP_INCREASE,
+    max_step_increase: float = DEFAULT_MAX_STEP_INCREASE,
 ) -> dict:
     """The ranked plans, rejection counts, dense comparison and expert proposal as one dict."""
+    from moeplan import search
+
     result = search.search(model, train, hw, devices, options).require_feasible()
     report = _header(model, hw, devices, train)
     report["enumerated"] = result.candidates
@@ -473,6 +513,8 @@ def _ranked(row: dict, rank: int) -> dict:
 
 def _dense_comparison(moe: search.SearchResult, dense: search.SearchResult) -> dict:
     """Step time of the best dense-backbone plan next to the MoE's (arXiv 2405.15052)."""
+    from moeplan.cost.layout import activated_params
+
     if not dense.feasible:
         return {"feasible": False, "rejected": dict(dense.rejected.counts)}
     return {
@@ -486,6 +528,8 @@ def _dense_comparison(moe: search.SearchResult, dense: search.SearchResult) -> d
 
 
 def _proposal_dict(p: search.ExpertProposal) -> dict:
+    from moeplan.cost.layout import total_params
+
     return {
         "max_step_increase": p.max_step_increase,
         "dense_step_time_s": p.dense.best_step_s,
@@ -506,6 +550,8 @@ def _proposal_dict(p: search.ExpertProposal) -> dict:
 
 
 def _suggest_tables(report: dict):
+    from moeplan import search
+
     t = report["train"]
     head = (
         f"[bold]{output.esc(report['model'])}[/] on {report['devices']} x {output.esc(report['hardware'])}: "
@@ -549,6 +595,8 @@ def _suggest_tables(report: dict):
 
 
 def _trade_table(t: dict):
+    from moeplan import search
+
     table = output.new_table("Capacity factor against drops (best plan at each)",
                              ["capacity factor", ("best plan", "left"), "step", "dropped", ("", "left")])
     for c in t["factors"]:
@@ -576,6 +624,8 @@ def _dense_line(best: dict, dense: dict) -> str:
 
 
 def _experts_table(p: dict):
+    from moeplan import search
+
     budget = 1 + p["max_step_increase"]
     table = output.new_table(
         f"Expert counts (budget: step time <= {budget:.2f}x the dense backbone's "

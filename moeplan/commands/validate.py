@@ -13,10 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeplan import output, presets
+from moeplan import output
 from moeplan.commands.guard import guarded
 from moeplan.errors import MoeplanError
-from moeplan.specs import Mesh
 
 DEFAULT_MODEL = "tiny-moe"
 # Small enough that tiny-moe compiles and steps in seconds on simulated CPU devices; every
@@ -143,6 +142,8 @@ def profile_cmd(
             _write_document(out, doc)
         output.emit(doc, fmt, tpu_profile.target_tables)
         return
+    from moeplan import presets  # here, like jax: registering the command must stay cheap
+    from moeplan.specs import Mesh
     from moeplan.validate import devices as dev
     from moeplan.validate import profile as prof
 
@@ -354,6 +355,7 @@ def calibrate_cmd(
     fmt = output.check_choice("--format", fmt, ("table", "json"))
     dtype = output.check_choice("--dtype", dtype, ("float32", "bfloat16", "float16"))
     _check_counts(steps=steps, warmup=warmup)
+    from moeplan import presets
     from moeplan.validate import calibrate as cal
     from moeplan.validate import devices as dev
 

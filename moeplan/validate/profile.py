@@ -377,6 +377,10 @@ def peak_bytes(mem: dict[str, int]) -> float | None:
 
     (The buffers XLA assigns for one execution: inputs, outputs not donated into inputs, and
     the scratch it plans; jax's docs on `Compiled.memory_analysis` add them the same way.)
+    Why not XLA's own `peak_memory` field, as the TPU path uses (tpu_aot.xla_memory): on the
+    CPU backend it reports little more than the arguments (tiny-moe, data=1,expert=1,model=8:
+    4.17 MB against 30.6 MB of assigned buffers, 26.4 MB of them temporaries), while the TPU
+    compiler's figure is its heap simulation's true peak.
     """
     if not mem:
         return None
