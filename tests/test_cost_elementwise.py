@@ -60,3 +60,25 @@ def test_op_work_carries_the_elementwise_classes():
     work = op_work(TINY, TRAIN, Plans.single(Mesh(), TRAIN))
     assert float(work["loss_softmax"].bytes[0]) == 4 * 8 * 16 * 4
     assert float(work["norms_residuals"].flops[0]) == 0.0
+
+
+def test_gradient_sums_counts_by_hand():
+    # plain FFN: only the q/k/v fan-in, n = 3 -> 4 TM per block, 2 blocks, bf16
+    assert totals(TINY, TRAIN, Mesh())["gradient_sums"] == 2 * 4 * 8 * 8 * 2
+    gated = TINY.model_copy(update={"gated": True})
+    # + the gated dense FFN's two input matrices: 3 TM per block
+    assert totals(gated, TRAIN, Mesh())["gradient_sums"] == 2 * (4 + 3) * 8 * 8 * 2
+    moe = gated.model_copy(update={"moe": MoESpec(num_experts=4, top_k=2, expert_hidden=8, every=1)})
+    # MoE blocks: q/k/v 4 TM, router + dispatch 3 TM, and the experts' two input matrices
+    # over E x C = 4 x 5 slots of width 8: 3 x 20 x 8
+    assert totals(moe, TRAIN, Mesh())["gradient_sums"] == 2 * ((4 + 3) * 8 * 8 + 3 * 20 * 8) * 2
+    shared = moe.model_copy(update={"moe": moe.moe.model_copy(update={"shared_experts": 1})})
+    # a shared expert adds a third reader of the normed input (4 TM) and its own gated sum (3 TM)
+    assert totals(shared, TRAIN, Mesh())["gradient_sums"] == 2 * ((4 + 4 + 3) * 8 * 8 + 3 * 20 * 8) * 2
+
+
+def test_gradient_sums_are_backward_only_and_replicated_over_model():
+    base = totals(TINY, TRAIN, Mesh())["gradient_sums"]
+    assert totals(TINY, TRAIN.model_copy(update={"remat": "full"}), Mesh())["gradient_sums"] == base
+    assert totals(TINY, TRAIN, Mesh(model=2))["gradient_sums"] == base  # full rows on every rank
+    assert totals(TINY, TRAIN.model_copy(update={"grad_accum": 2, "global_batch": 4}), Mesh())["gradient_sums"] == 2 * base

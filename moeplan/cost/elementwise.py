@@ -26,6 +26,16 @@ output gradient and writes the input gradient:
                   load histogram (2 K T E): 3 TE + 6 KTE forward; softmax backward 3 TE.
   loss_softmax    float32 logits [T, V]: logsumexp reads them twice (max, exp-sum); the
                   backward writes softmax - one-hot from one more read: 2 TV + 2 TV.
+  gradient_sums   backward only. Reverse-mode differentiation sums the gradients of a
+                  tensor that several ops read (Griewank & Walther, "Evaluating
+                  Derivatives", 2nd ed. 2008, sec. 3.2, the adjoint's incremental
+                  updates); one fused sum of n gradients of [R, M] reads n and writes 1:
+                  (n + 1) R M. Fan-ins of the step: the attention input read by the q, k
+                  and v projections (n = 3, R = T), a gated FFN's input read by its two
+                  input matrices (n = 2: R = T dense and shared, R = E C slots routed),
+                  and an MoE block's normed input read by the router, the dispatch and the
+                  shared experts (n = 2 or 3, R = T). All over the FULL rows on every
+                  model-axis rank (the sums precede the model-axis all-reduce).
 Full remat replays the forward of block ops (not of the loss or embedding).
 """
 
@@ -36,7 +46,7 @@ import numpy as np
 from moeplan.cost.layout import REMAT_CODES, Plans, bytes_of, capacity, shared_hidden, tokens_per_microbatch
 from moeplan.specs import ModelSpec, TrainSpec
 
-CLASSES: tuple[str, ...] = ("norms_residuals", "activations", "routing", "loss_softmax")
+CLASSES: tuple[str, ...] = ("norms_residuals", "activations", "routing", "loss_softmax", "gradient_sums")
 F32 = 4  # routing and the loss run in float32 (validate/moe.py route, validate/model.py)
 
 
@@ -74,7 +84,21 @@ def elementwise_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[
         units = t * hidden * inv_m
     return {
         "norms_residuals": norms,
+        "gradient_sums": _gradient_sum_elems(model, t) * (dm * per_step),
         "activations": units * ((fwd_a + bwd_a) * per_step + (fwd_a * per_step) * replay),
         "routing": route,
         "loss_softmax": t * (4.0 * v * f32_step),
     }
+
+
+def _gradient_sum_elems(model: ModelSpec, t: np.ndarray) -> np.ndarray:
+    """Rows x (n + 1) of every backward fan-in sum per microbatch (module doc), times M later."""
+    gated = 3.0 if model.gated else 0.0  # two input matrices: n = 2, else no fan-in
+    rows = t * (4.0 * model.layers + gated * model.dense_layers)
+    moe = model.moe
+    if moe is None:
+        return rows
+    shared = shared_hidden(model) > 0
+    fan_in = 4.0 if shared else 3.0  # router + dispatch (+ shared experts), n + 1
+    rows = rows + t * (model.moe_layers * (fan_in + (gated if shared else 0.0)))
+    return rows + capacity(model, t) * float(moe.num_experts * model.moe_layers * gated)
