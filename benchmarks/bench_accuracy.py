@@ -43,6 +43,7 @@ from moeplan.validate import calibrate as cal
 from moeplan.validate import devices as dev
 from moeplan.validate import profile as prof
 from moeplan.validate.compare import summarize
+from moeplan.validate.rounds import geometric_mean
 
 MODELS = ("tiny-moe", "small-moe", "wide-moe")
 TARGETS = {"median_abs_error": ("<=", 0.10), "spearman": (">=", 0.9), "top1_regret": ("<=", 0.05),
@@ -115,6 +116,28 @@ def candidate_lines(model: str, report) -> list[str]:
     return lines
 
 
+def scale_free_line(reports: dict) -> str:
+    """Diagnostic, no target: median |err| once each shape's predicted and measured times are
+    divided by their own geometric means (as `moeplan regress` judges). It removes one scale
+    factor per shape, so what is left is the model's error across meshes; the gap to the
+    absolute figure is the calibration's scale (on a 2-core host the copy rate alone moved
+    1.75 -> 2.40 GB/s between two calibrations an hour apart)."""
+    parts, pooled = [], []
+    for name, report in reports.items():
+        ok = [c for c in report.comparisons if c.ok]
+        if len(ok) < 2:
+            continue
+        pred = [c.predicted_row["step_time_s"] for c in ok]
+        meas = [c.measured.step_time_s for c in ok]
+        gp, gm = geometric_mean(pred), geometric_mean(meas)
+        errs = [abs((p / gp) / (m / gm) - 1) for p, m in zip(pred, meas)]
+        pooled += errs
+        parts.append(f"{name} {statistics.median(errs) * 100:.1f}%")
+    if not pooled:
+        return ""
+    return (f"scale-free median |err| (diagnostic): {', '.join(parts)}; all {statistics.median(pooled) * 100:.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hardware", help="hardware profile to predict with (default: calibrate now)")
@@ -173,6 +196,7 @@ def main() -> None:
           f"(per-shape Spearman mean {statistics.fmean(rhos):.3f})" if rhos else "")
     print("targets: median |err| <= 10%, Spearman >= 0.9, top-1 regret <= 5%, FLOPs <= 5%, memory <= 10%, "
           "comm bytes exact")
+    print(scale_free_line(reports))
     print(f"end: {load()}")
     if args.output:
         write_text_atomic(Path(args.output),
