@@ -159,6 +159,8 @@ def main() -> None:
     print(f"hardware: {hw.name} ({hw_source}): peak {output.fmt_rate(hw.peak_flops, 'FLOP')}, "
           f"memory {output.fmt_rate(hw.hbm_bandwidth, 'B')}, link {output.fmt_rate(hw.scale_up.bandwidth, 'B')} / "
           f"{output.fmt_seconds(hw.scale_up.latency)}, overlap {hw.overlap:.2f}", flush=True)
+    for line in cal.calibration_warnings({"measured": hw.measured or {}}):
+        print(f"warning: {line}", flush=True)
     reports, pooled, docs = {}, [], {}
     for name in args.models.split(","):
         model = presets.load_model(name)

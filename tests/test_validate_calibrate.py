@@ -197,3 +197,12 @@ def test_group_meshes_stay_inside_or_cross_processes():
     rows = mb.group_grid(b, 2, "scale_out")
     assert all(len({d.process_index for d in row}) == 2 for row in rows)
     assert sorted(d.id for d in rows.ravel()) == list(range(8))  # every device in one group
+
+
+def test_copy_rates_far_apart_warn_of_a_cache_cliff():
+    prof = cal.fit_profile(raw_record(), name="test cpu")  # copies at 3e9 and 2e9 B/s: 1.5x apart
+    (line,) = cal.calibration_warnings(prof)
+    assert "1.50x" in line and "4 MiB: 3.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
+    raw = raw_record()
+    raw["copy"][0]["bytes_per_s"] = 2.4e9  # 1.2x apart: within CLIFF_SPREAD
+    assert cal.calibration_warnings(cal.fit_profile(raw, name="test cpu")) == []

@@ -170,6 +170,10 @@ def profile_cmd(
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)
+    if hw.measured:  # a calibrated profile: say if its memory figure sits on a cache cliff
+        from moeplan.validate.calibrate import calibration_warnings
+
+        report.notes += calibration_warnings({"measured": hw.measured})
     if not dev.is_primary():
         return
     doc = report.record()
@@ -372,7 +376,7 @@ def calibrate_cmd(
     presets.load_hardware(out)  # what we wrote must load; a failure here is a bug worth seeing
     doc = {"schema_version": 1, "path": str(out),
            "profile": {k: v for k, v in profile.items() if k != "measured"},
-           "fits": profile["measured"]["links"]}
+           "fits": profile["measured"]["links"], "warnings": cal.calibration_warnings(profile)}
     output.emit(doc, fmt, calibrate_tables)
 
 
@@ -389,4 +393,5 @@ def calibrate_tables(doc: dict):
     t.add_row("overlap", f"{p['overlap']:.2f}")
     fits = "; ".join(f"{k}: rms relative residual {v['rms_rel_residual']:.2f} over {v['points']} points"
                      for k, v in doc["fits"].items())
-    return [t, f"[dim]{output.esc(p['source'])}[/]", f"[dim]alpha-beta fit {fits}[/]"]
+    warn = [f"[yellow]warning: {output.esc(w)}[/]" for w in doc.get("warnings", [])]
+    return [t, f"[dim]{output.esc(p['source'])}[/]", f"[dim]alpha-beta fit {fits}[/]", *warn]

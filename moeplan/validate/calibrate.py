@@ -221,6 +221,27 @@ def fit_profile(raw: dict, *, name: str) -> dict:
     }
 
 
+CLIFF_SPREAD = 1.3
+"""Copy rates further apart than this between the sweep's buffer sizes mean the buffers
+straddle a cache level: 8 CPU devices x 16 MiB fit a 480 MiB L3, x 32 MiB do not (measured
+1.75-2.40 against 1.11-1.18 GB/s on one host within an hour, docs/validation.md)."""
+
+
+def calibration_warnings(profile: dict) -> list[str]:
+    """What a user should know before trusting this profile's memory-bound predictions."""
+    copies = profile.get("measured", {}).get("copy", [])
+    rates = [p["bytes_per_s"] for p in copies]
+    if len(rates) < 2 or min(rates) <= 0:
+        return []
+    spread = max(rates) / min(rates)
+    if spread <= CLIFF_SPREAD:
+        return []
+    sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {p['bytes_per_s'] / 1e9:.2f} GB/s" for p in copies)
+    return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): they straddle a cache "
+            "level on this host, so hbm_bandwidth (the fastest) may vary between calibrations and "
+            "memory-bound step times carry that uncertainty"]
+
+
 # ---- writing the profile ------------------------------------------------------------------
 
 
