@@ -223,8 +223,11 @@ def fit_profile(raw: dict, *, name: str) -> dict:
 
 CLIFF_SPREAD = 1.3
 """Copy rates further apart than this between the sweep's buffer sizes mean the buffers
-straddle a cache level: 8 CPU devices x 16 MiB fit a 480 MiB L3, x 32 MiB do not (measured
-1.75-2.40 against 1.11-1.18 GB/s on one host within an hour, docs/validation.md)."""
+straddle a cliff of the host's memory system. On CPU devices that cliff is the allocator:
+glibc serves buffers under its 32 MiB mmap-threshold ceiling from a recycled heap but maps
+larger ones afresh, so each call pays first-touch page faults (measured on one host: 1.75-2.40
+GB/s at 16 MiB against 1.11-1.18 GB/s at 32 MiB in four calibrations within an hour, while
+an in-place (donated) copy streams 4-5 GB/s at every size; docs/validation.md)."""
 
 
 def calibration_warnings(profile: dict) -> list[str]:
@@ -237,9 +240,9 @@ def calibration_warnings(profile: dict) -> list[str]:
     if spread <= CLIFF_SPREAD:
         return []
     sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {p['bytes_per_s'] / 1e9:.2f} GB/s" for p in copies)
-    return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): they straddle a cache "
-            "level on this host, so hbm_bandwidth (the fastest) may vary between calibrations and "
-            "memory-bound step times carry that uncertainty"]
+    return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): they straddle a cliff "
+            "of this host's memory system (on CPU, the allocator's mmap threshold), so hbm_bandwidth (the "
+            "fastest) may vary between calibrations and memory-bound step times carry that uncertainty"]
 
 
 # ---- writing the profile ------------------------------------------------------------------
