@@ -91,7 +91,7 @@ def test_fit_profile_single_process():
     prof = cal.fit_profile(raw_record(), name="test cpu")
     assert prof["peak_flops"] == 8e9 and prof["matmul_efficiency"] == 1.0
     assert prof["matmul_curve"][-1]["efficiency"] == 1.0  # the peak's own size
-    assert prof["hbm_bandwidth"] == 3e9
+    assert prof["hbm_bandwidth"] == pytest.approx(2 / (1 / 3e9 + 1 / 2e9))  # harmonic mean: 2.4e9
     assert prof["scale_up"]["latency"] == pytest.approx(ALPHA)
     assert prof["scale_up"]["bandwidth"] == pytest.approx(BW)
     assert prof["scale_out"] == prof["scale_up"]  # one process: one link
@@ -199,10 +199,10 @@ def test_group_meshes_stay_inside_or_cross_processes():
     assert sorted(d.id for d in rows.ravel()) == list(range(8))  # every device in one group
 
 
-def test_copy_rates_far_apart_warn_of_a_cache_cliff():
-    prof = cal.fit_profile(raw_record(), name="test cpu")  # copies at 3e9 and 2e9 B/s: 1.5x apart
-    (line,) = cal.calibration_warnings(prof)
-    assert "1.50x" in line and "4 MiB: 3.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
+def test_copy_rates_far_apart_warn_of_a_cliff():
     raw = raw_record()
-    raw["copy"][0]["bytes_per_s"] = 2.4e9  # 1.2x apart: within CLIFF_SPREAD
-    assert cal.calibration_warnings(cal.fit_profile(raw, name="test cpu")) == []
+    raw["copy"][0]["bytes_per_s"] = 4e9  # against 2e9: 2x apart
+    (line,) = cal.calibration_warnings(cal.fit_profile(raw, name="test cpu"))
+    assert "2.00x" in line and "4 MiB: 4.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
+    # 3e9 against 2e9 is 1.5x apart: within CLIFF_SPREAD
+    assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")) == []

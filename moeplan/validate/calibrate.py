@@ -13,8 +13,14 @@ What each number is (also written into the YAML's header):
 - matmul_curve: each size's rate over that peak (sizes down to 64 x 16 x 64, the attention
   scores of a small model), so the cost model times a small product at the rate such
   products actually reach instead of at the peak of large ones.
-- hbm_bandwidth: the best per-device rate of an elementwise x+1 over buffers far larger than
-  any cache (bytes read + written); memory_efficiency is 1.0 for the same reason.
+- hbm_bandwidth: the harmonic mean of the per-device rates of an elementwise x+1 (bytes read
+  + written) over buffers of 4 to 64 MiB, i.e. the rate at which equal bytes through each
+  size would stream. Why a mean over sizes and not the best one: on CPU devices the rate is
+  as much the allocator as DRAM (a fresh output buffer each call; glibc maps buffers over its
+  32 MiB threshold afresh and pays page faults), and a step's buffers span both sides of
+  that threshold; the best of a 16 and a 32 MiB point swung 1.75-2.40 GB/s between
+  calibrations an hour apart, the harmonic mean of the five sizes 1.40-1.58.
+  memory_efficiency is 1.0 because it is an achieved rate.
 - scale_up / scale_out links: alpha (latency per step) and bandwidth fitted by least
   squares to time = steps*alpha + wire_bytes/bandwidth over all four collective kinds,
   several group sizes and buffer sizes (Hockney's alpha-beta model; steps and wire bytes
@@ -58,8 +64,8 @@ class Sweep:
     """(m, k, n) per device: square ones find the peak, skinny ones (like the per-expert and
     projection matmuls of small MoE blocks) trace the efficiency curve."""
     copy_bytes: tuple[int, ...]
-    """Bytes per device of the x+1 copy: device memory, not caches (8 CPU devices: 128-256 MiB
-    in all, 4-8x a 32 MiB L3)."""
+    """Bytes per device of the x+1 copy, in powers of two on both sides of glibc's 32 MiB
+    mmap threshold (8 CPU devices: 32-512 MiB in all); hbm_bandwidth is their harmonic mean."""
     collective_bytes: tuple[int, ...]
     """Buffer bytes per collective (traffic.py convention), from latency-bound messages up to
     the size of a small model's gradient all-reduce (on CPU the largest leave the caches)."""
@@ -77,7 +83,7 @@ FULL = Sweep(
     matmul_shapes=((32, 32, 32), (64, 16, 64), (64, 64, 64), (128, 128, 32), (16, 128, 256),
                    (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
                    (256, 128, 512), (1024, 256, 1024), (64, 256, 1024)),
-    copy_bytes=(16 * MIB, 32 * MIB),
+    copy_bytes=(4 * MIB, 8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB),
     collective_bytes=(16 * 1024, 256 * 1024, 4 * MIB, 32 * MIB),
 )
 # A smoke test of the machinery (tests, `calibrate --quick`): a few points, figures to distrust.
@@ -173,6 +179,12 @@ def matmul_curve(points: list[dict]) -> list[dict]:
     return [{"size": size, "efficiency": float(np.mean(rates)) / peak} for size, rates in sorted(by_size.items())]
 
 
+def copy_bandwidth(points: list[dict]) -> float:
+    """Harmonic mean of the copy rates: equal bytes through every buffer size (module doc)."""
+    rates = [p["bytes_per_s"] for p in points]
+    return len(rates) / sum(1.0 / r for r in rates)
+
+
 def fit_profile(raw: dict, *, name: str) -> dict:
     """The HardwareProfile fields (a plain dict) from the raw measurements of `calibrate_task`."""
     dev = raw["device"]
@@ -193,7 +205,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "matmul_efficiency": 1.0,
         "matmul_curve": matmul_curve(raw["matmul"]),
         "hbm_bytes": float(dev["memory_bytes"]),
-        "hbm_bandwidth": max(p["bytes_per_s"] for p in raw["copy"]),
+        "hbm_bandwidth": copy_bandwidth(raw["copy"]),
         "memory_efficiency": 1.0,
         "scale_up": {"bandwidth": links["scale_up"].bandwidth, "latency": links["scale_up"].latency},
         "scale_up_size": dev["count"] // dev["processes"] if "scale_out" in links else dev["count"],
@@ -221,13 +233,13 @@ def fit_profile(raw: dict, *, name: str) -> dict:
     }
 
 
-CLIFF_SPREAD = 1.3
-"""Copy rates further apart than this between the sweep's buffer sizes mean the buffers
+CLIFF_SPREAD = 1.5
+"""Copy rates further apart than this across the sweep's buffer sizes mean the buffers
 straddle a cliff of the host's memory system. On CPU devices that cliff is the allocator:
 glibc serves buffers under its 32 MiB mmap-threshold ceiling from a recycled heap but maps
-larger ones afresh, so each call pays first-touch page faults (measured on one host: 1.75-2.40
-GB/s at 16 MiB against 1.11-1.18 GB/s at 32 MiB in four calibrations within an hour, while
-an in-place (donated) copy streams 4-5 GB/s at every size; docs/validation.md)."""
+larger ones afresh, so each call pays first-touch page faults (measured on one host: 1.7-2.9
+GB/s at 4-16 MiB against 0.9-1.2 GB/s at 32-64 MiB, while an in-place (donated) copy streams
+4-5 GB/s at every size; docs/validation.md)."""
 
 
 def calibration_warnings(profile: dict) -> list[str]:
@@ -240,9 +252,9 @@ def calibration_warnings(profile: dict) -> list[str]:
     if spread <= CLIFF_SPREAD:
         return []
     sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {p['bytes_per_s'] / 1e9:.2f} GB/s" for p in copies)
-    return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): they straddle a cliff "
-            "of this host's memory system (on CPU, the allocator's mmap threshold), so hbm_bandwidth (the "
-            "fastest) may vary between calibrations and memory-bound step times carry that uncertainty"]
+    return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): this host's memory "
+            "system has a cliff between them (on CPU, the allocator's mmap threshold); hbm_bandwidth is "
+            "their harmonic mean, so memory-bound step times depend on which side a step's buffers fall"]
 
 
 # ---- writing the profile ------------------------------------------------------------------
@@ -259,7 +271,7 @@ def header(profile: dict) -> str:
         f"x{dev['count']} in {dev['processes']} process(es)   dtype: {m['dtype']}",
         "# peak_flops: best per-device rate of batched matmuls, all devices at once "
         "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
-        "# hbm_bandwidth: best per-device rate of x+1 over buffers of "
+        "# hbm_bandwidth: harmonic mean of the per-device rates of x+1 over buffers of "
         + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in m["copy"]) + " (read + write bytes)",
         "# scale_up/scale_out: least-squares alpha-beta fit, time = ring_steps*latency + "
         f"wire_bytes/bandwidth, over {', '.join(KINDS)} (rms relative residual "
