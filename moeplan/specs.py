@@ -184,6 +184,13 @@ class CurvePoint(_Spec):
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak_flops at that size.")
 
 
+class KindScale(_Spec):
+    """One collective kind's measured alpha and beta relative to its link's (see collective_scale)."""
+
+    latency: float = Field(1.0, ge=0, description="Multiplier of the link's per-step latency.")
+    bandwidth: PositiveFloat = Field(1.0, description="Multiplier of the link's bandwidth.")
+
+
 class HardwareProfile(_Spec):
     """One accelerator and its interconnect, as the cost model needs them."""
 
@@ -206,6 +213,12 @@ class HardwareProfile(_Spec):
     topology: Literal["switch", "torus"] = Field("switch", description="Scale-up fabric shape.")
     torus_dims: list[PositiveInt] | None = Field(None, description="Torus extent per dimension.")
     overlap: float = Field(0.5, ge=0, le=1, description="Fraction of communication hidden under compute.")
+    collective_scale: dict[Literal["all-reduce", "all-gather", "reduce-scatter", "all-to-all"], KindScale] | None = Field(
+        None,
+        description="Per collective kind, its own alpha-beta fit relative to the link's joint fit, "
+        "measured by `moeplan calibrate` (on 8 CPU devices an all-to-all reaches ~0.4 of the "
+        "joint bandwidth). Kinds not listed use the link as it is.",
+    )
     source: str = Field("", description="Where these numbers come from.")
     measured: dict | None = Field(None, description="Calibration record, for measured profiles.")
 

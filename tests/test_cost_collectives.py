@@ -163,3 +163,17 @@ def test_ring_step_counts():
     assert ring_steps("all-gather", n)[0] == 7
     assert ring_steps("reduce-scatter", n)[0] == 7
     assert ring_steps("all-to-all", n)[0] == 7
+
+
+def test_collective_scale_times_each_kind_at_its_own_alpha_and_beta():
+    # all-to-all of 1 MiB over data=8: wire 7/8 * 1048576 = 917504 B, 7 steps.
+    # Unscaled: 7 * 1e-6 + 917504 / 100e9. With latency x2 and bandwidth x0.4:
+    # 7 * 2e-6 + 917504 / 40e9.
+    plans = one(Mesh(data=8))
+    c = entry("all-to-all", ("data",), 1048576.0)
+    plain = comm_totals([c], plans, hw()).seconds_by_term["data_axis"][0]
+    assert plain == pytest.approx(7e-6 + 917504 / 100e9)
+    scaled = hw(collective_scale={"all-to-all": {"latency": 2.0, "bandwidth": 0.4}})
+    assert comm_totals([c], plans, scaled).seconds_by_term["data_axis"][0] == pytest.approx(14e-6 + 917504 / 40e9)
+    ar = entry("all-reduce", ("data",), 1048576.0)  # kinds not listed keep the link as it is
+    assert comm_totals([ar], plans, scaled).seconds_by_term["data_axis"][0] == pytest.approx(14e-6 + 1835008 / 100e9)

@@ -206,3 +206,19 @@ def test_copy_rates_far_apart_warn_of_a_cliff():
     assert "2.00x" in line and "4 MiB: 4.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
     # 3e9 against 2e9 is 1.5x apart: within CLIFF_SPREAD
     assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")) == []
+
+
+def test_collective_scale_is_each_kinds_own_fit_over_the_joint_one():
+    same = cal.fit_profile(raw_record(), name="test cpu")["collective_scale"]
+    for kind in cal.KINDS:  # every kind on the same alpha and beta: scales of 1
+        assert same[kind]["bandwidth"] == pytest.approx(1.0) and same[kind]["latency"] == pytest.approx(1.0)
+    raw = raw_record()
+    for p in raw["collectives"]:  # all-to-all at 40% of the bandwidth, as measured on CPU
+        if p["kind"] == "all-to-all":
+            p["time_s"] = p["steps"] * ALPHA + p["wire_bytes"] / (0.4 * BW)
+    prof = cal.fit_profile(raw, name="test cpu")
+    joint = prof["scale_up"]["bandwidth"]
+    a2a = prof["collective_scale"]["all-to-all"]
+    assert a2a["bandwidth"] * joint == pytest.approx(0.4 * BW)  # the kind's own rate, recovered
+    assert a2a["latency"] * prof["scale_up"]["latency"] == pytest.approx(ALPHA)
+    assert prof["collective_scale"]["all-reduce"]["bandwidth"] * joint == pytest.approx(BW)

@@ -126,6 +126,14 @@ def collective_s(c: Collective, plans: Plans, link: LinkChoice) -> np.ndarray:
     return c.count * one
 
 
+def kind_scale(hw: HardwareProfile, kind: str) -> tuple[float, float]:
+    """(latency, bandwidth) multipliers of `kind` on any link: a calibrated profile's own
+    per-kind fit over its joint fit (collectives differ: an all-to-all exchanges with every
+    peer at once and reaches less of a link than a ring all-reduce), else (1, 1)."""
+    scale = (hw.collective_scale or {}).get(kind)
+    return (1.0, 1.0) if scale is None else (scale.latency, scale.bandwidth)
+
+
 def entry_key(c: Collective) -> str:
     """Unique, readable name of a traffic entry, e.g. 'all-reduce: non-expert gradients'."""
     return f"{c.kind}: {c.name}"
@@ -166,7 +174,8 @@ def comm_totals(
         key = (c.axes, c.kind)
         if key not in factors:
             share = wire_factor(c.kind, size)
-            factors[key] = (share, ring_steps(c.kind, size) * link.latency, share / link.bandwidth)
+            lat, bw = kind_scale(hw, c.kind)
+            factors[key] = (share, ring_steps(c.kind, size) * (link.latency * lat), share / (link.bandwidth * bw))
         share, alpha, beta = factors[key]
         moved = c.count * c.buffer_bytes
         s = c.count * alpha + moved * beta

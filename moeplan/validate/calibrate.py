@@ -27,6 +27,8 @@ What each number is (also written into the YAML's header):
   in the cost model's own conventions: collectives.ring_steps, traffic.wire_factor).
   With several processes, groups inside one process give scale_up and groups across
   processes scale_out; in one process there is one link and scale_out repeats it.
+- collective_scale: each collective kind's own alpha-beta fit (same points, one kind) over
+  the joint one, so an all-to-all is timed at the rate all-to-alls reach on these devices.
 - overlap: one program with a matmul and an independent all-reduce of similar length
   against the two alone: overlap = (t_mm + t_ar - t_both) / min(t_mm, t_ar), clipped to
   [0, 1], the cost model's definition (cost/step.py overlap_bounds).
@@ -185,6 +187,26 @@ def copy_bandwidth(points: list[dict]) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
+def collective_scale(joint: LinkFit, per_kind: dict[str, dict]) -> dict[str, dict]:
+    """Each kind's own alpha and beta over the joint fit's, for HardwareProfile.collective_scale.
+
+    Why: the joint fit averages kinds that use a link differently. On 8 CPU devices the
+    all-to-all's own fit reached 0.34-0.43 of the joint bandwidth in eight calibrations and
+    the all-reduce 1.04-1.15, so one (alpha, beta) under-costs every expert-parallel mesh.
+    A kind whose own fit dropped alpha (latency 0) gets latency scale 0; a joint alpha of 0
+    leaves every latency scale at 1.
+    """
+    out: dict[str, dict] = {}
+    if not math.isfinite(joint.bandwidth):
+        return out
+    for kind, fit in per_kind.items():
+        if not math.isfinite(fit["bandwidth_Bps"]):
+            continue  # a latency-only fit says nothing about this kind's bandwidth
+        lat = fit["latency_s"] / joint.latency if joint.latency > 0 else 1.0
+        out[kind] = {"latency": float(lat), "bandwidth": float(fit["bandwidth_Bps"] / joint.bandwidth)}
+    return out
+
+
 def fit_profile(raw: dict, *, name: str) -> dict:
     """The HardwareProfile fields (a plain dict) from the raw measurements of `calibrate_task`."""
     dev = raw["device"]
@@ -199,6 +221,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
     per_kind = {k: fit_link(pts).record() for k in KINDS
                 if len(pts := [p for p in raw["collectives"] if p["kind"] == k and p["link"] == "scale_up"]) >= 2}
     ov = raw["overlap"]
+    scale = collective_scale(links["scale_up"], per_kind)
     return {
         "name": name,
         "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
@@ -212,6 +235,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "scale_out": {"bandwidth": out_link.bandwidth, "latency": out_link.latency},
         "topology": "switch",
         "overlap": overlap_fraction(ov["matmul_s"], ov["all_reduce_s"], ov["both_s"]),
+        **({"collective_scale": scale} if scale else {}),
         "source": (
             f"measured by `moeplan calibrate` on {dev['count']} {dev['platform']} devices "
             f"({dev['kind']}) in {dev['processes']} process(es), jax {dev['jax']}, {raw['date']}; "
