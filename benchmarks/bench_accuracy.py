@@ -43,7 +43,8 @@ from moeplan.validate import calibrate as cal
 from moeplan.validate import devices as dev
 from moeplan.validate import profile as prof
 from moeplan.validate.compare import summarize
-from moeplan.validate.rounds import geometric_mean
+from moeplan.validate.rounds import scale_free
+from moeplan.validate.timing import relative_errors
 
 MODELS = ("tiny-moe", "small-moe", "wide-moe")
 TARGETS = {"median_abs_error": ("<=", 0.10), "spearman": (">=", 0.9), "top1_regret": ("<=", 0.05),
@@ -129,8 +130,7 @@ def scale_free_line(reports: dict) -> str:
             continue
         pred = [c.predicted_row["step_time_s"] for c in ok]
         meas = [c.measured.step_time_s for c in ok]
-        gp, gm = geometric_mean(pred), geometric_mean(meas)
-        errs = [abs((p / gp) / (m / gm) - 1) for p, m in zip(pred, meas)]
+        errs = [abs(e) for e in relative_errors(scale_free(pred), scale_free(meas))]
         pooled += errs
         parts.append(f"{name} {statistics.median(errs) * 100:.1f}%")
     if not pooled:
@@ -159,7 +159,7 @@ def main() -> None:
     print(f"hardware: {hw.name} ({hw_source}): peak {output.fmt_rate(hw.peak_flops, 'FLOP')}, "
           f"memory {output.fmt_rate(hw.hbm_bandwidth, 'B')}, link {output.fmt_rate(hw.scale_up.bandwidth, 'B')} / "
           f"{output.fmt_seconds(hw.scale_up.latency)}, overlap {hw.overlap:.2f}", flush=True)
-    for line in cal.calibration_warnings({"measured": hw.measured or {}}):
+    for line in cal.calibration_warnings(hw.measured):
         print(f"warning: {line}", flush=True)
     reports, pooled, docs = {}, [], {}
     for name in args.models.split(","):

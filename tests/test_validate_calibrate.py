@@ -202,10 +202,10 @@ def test_group_meshes_stay_inside_or_cross_processes():
 def test_copy_rates_far_apart_warn_of_a_cliff():
     raw = raw_record()
     raw["copy"][0]["bytes_per_s"] = 4e9  # against 2e9: 2x apart
-    (line,) = cal.calibration_warnings(cal.fit_profile(raw, name="test cpu"))
+    (line,) = cal.calibration_warnings(cal.fit_profile(raw, name="test cpu")["measured"])
     assert "2.00x" in line and "4 MiB: 4.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
     # 3e9 against 2e9 is 1.5x apart: within CLIFF_SPREAD
-    assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")) == []
+    assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")["measured"]) == []
 
 
 def test_collective_scale_is_each_kinds_own_fit_over_the_joint_one():

@@ -170,10 +170,9 @@ def profile_cmd(
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)
-    if hw.measured:  # a calibrated profile: say if its memory figure sits on a cache cliff
-        from moeplan.validate.calibrate import calibration_warnings
+    from moeplan.validate.calibrate import calibration_warnings
 
-        report.notes += calibration_warnings({"measured": hw.measured})
+    report.notes += calibration_warnings(hw.measured)  # a copy-rate cliff under hbm_bandwidth
     if not dev.is_primary():
         return
     doc = report.record()
@@ -376,7 +375,7 @@ def calibrate_cmd(
     presets.load_hardware(out)  # what we wrote must load; a failure here is a bug worth seeing
     doc = {"schema_version": 1, "path": str(out),
            "profile": {k: v for k, v in profile.items() if k != "measured"},
-           "fits": profile["measured"]["links"], "warnings": cal.calibration_warnings(profile)}
+           "fits": profile["measured"]["links"], "warnings": cal.calibration_warnings(profile["measured"])}
     output.emit(doc, fmt, calibrate_tables)
 
 

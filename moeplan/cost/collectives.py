@@ -119,13 +119,6 @@ def group_link(
     return LinkChoice(bandwidth, latency)
 
 
-def collective_s(c: Collective, plans: Plans, link: LinkChoice) -> np.ndarray:
-    """count * (steps * alpha + wire_bytes / beta): seconds per optimizer step for entry c."""
-    n = c.group_size(plans)
-    one = ring_steps(c.kind, n) * link.latency + c.wire_bytes(plans) / link.bandwidth
-    return c.count * one
-
-
 def kind_scale(hw: HardwareProfile, kind: str) -> tuple[float, float]:
     """(latency, bandwidth) multipliers of `kind` on any link: a calibrated profile's own
     per-kind fit over its joint fit (collectives differ: an all-to-all exchanges with every
@@ -151,7 +144,8 @@ class CommTotals:
 def comm_totals(
     collectives: list[Collective], plans: Plans, hw: HardwareProfile, per_entry: bool = True
 ) -> CommTotals:
-    """Time and bytes of every entry; the same sums as `collective_s` and
+    """Time and bytes of every entry: count * (steps * alpha + wire_bytes / beta) with the
+    link's alpha and beta scaled by `kind_scale`, and the same bytes as
     `traffic.bytes_by_kind`, with the per-group factors computed once per (axes, kind)
     because the search calls this on up to 10^6 plans. `per_entry=False` skips
     seconds_by_entry (left empty)."""

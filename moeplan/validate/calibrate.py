@@ -266,9 +266,10 @@ GB/s at 4-16 MiB against 0.9-1.2 GB/s at 32-64 MiB, while an in-place (donated) 
 4-5 GB/s at every size; docs/validation.md)."""
 
 
-def calibration_warnings(profile: dict) -> list[str]:
-    """What a user should know before trusting this profile's memory-bound predictions."""
-    copies = profile.get("measured", {}).get("copy", [])
+def calibration_warnings(measured: dict | None) -> list[str]:
+    """What a user should know before trusting a profile's memory-bound predictions, from its
+    calibration record (`measured`; None for vendor presets: nothing to say)."""
+    copies = (measured or {}).get("copy", [])
     rates = [p["bytes_per_s"] for p in copies]
     if len(rates) < 2 or min(rates) <= 0:
         return []

@@ -34,7 +34,7 @@ from typing import Any
 from moeplan import __version__
 from moeplan.validate import baseline as baseline_io
 from moeplan.validate.compare import Comparison, Measured, Predicted, bytes_match
-from moeplan.validate.rounds import RatioTiming, geometric_mean
+from moeplan.validate.rounds import RatioTiming, scale_free
 from moeplan.validate.suite import Candidate, Suite, mesh_label
 from moeplan.validate.timing import median, median_abs_relative_error, spearman
 
@@ -311,8 +311,7 @@ def timing_summary(obs: list[Observation], max_cv: float, clock: str = "cpu") ->
         return summary
     pred = [o.predicted["step_s"] for o in quiet]  # type: ignore[index]
     meas = [o.timing.ratio for o in quiet]  # type: ignore[union-attr]
-    gp, gm = geometric_mean(pred), geometric_mean(meas)
-    p_norm, m_norm = [p / gp for p in pred], [m / gm for m in meas]
+    p_norm, m_norm = scale_free(pred), scale_free(meas)
     summary.rel_errors = {o.id: p / m - 1 for o, p, m in zip(quiet, p_norm, m_norm)}
     summary.median_abs_error = median_abs_relative_error(p_norm, m_norm)
     rho = spearman(pred, meas)

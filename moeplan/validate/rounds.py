@@ -95,6 +95,13 @@ def geometric_mean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def scale_free(xs: list[float]) -> list[float]:
+    """Each value over the geometric mean of all: predicted and measured times compared this
+    way differ only in shape across candidates, not in one overall scale (regress, bench)."""
+    g = geometric_mean(xs)
+    return [x / g for x in xs]
+
+
 def time_both(run: Callable[[], Any], steps: int, sync: Callable[[Any], Any] = block) -> tuple[float, float]:
     """Median (CPU seconds, wall seconds) of `steps` steps, each synced before the clocks stop.
 
