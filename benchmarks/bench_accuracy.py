@@ -42,6 +42,7 @@ from moeplan.files import write_text_atomic
 from moeplan.validate import calibrate as cal
 from moeplan.validate import devices as dev
 from moeplan.validate import profile as prof
+from moeplan.validate import term_times
 from moeplan.validate.compare import summarize
 from moeplan.validate.rounds import scale_free
 from moeplan.validate.timing import relative_errors
@@ -138,6 +139,35 @@ def scale_free_line(reports: dict) -> str:
     return (f"scale-free median |err| (diagnostic): {', '.join(parts)}; all {statistics.median(pooled) * 100:.1f}%")
 
 
+def term_lines(comparisons: list) -> list[str]:
+    """Step time by cost term over every traced candidate: predicted and measured seconds
+    summed, the median measured/predicted ratio, and the term's share of the summed miss
+    (measured - predicted), so the terms that carry the error stand out."""
+    pred: dict[str, list[float]] = {}
+    meas: dict[str, list[float]] = {}
+    for c in comparisons:
+        split = c.measured.extra.get("time_by_term_s") if c.ok else None
+        if not split:
+            continue
+        p = term_times.predicted_terms(c.predicted_row)
+        for term in set(p) | set(split):
+            pred.setdefault(term, []).append(p.get(term, 0.0))
+            meas.setdefault(term, []).append(split.get(term, 0.0))
+    if not pred:
+        return ["no candidate was traced"]
+    miss = {t: sum(meas[t]) - sum(pred[t]) for t in pred}
+    total = sum(abs(v) for v in miss.values()) or 1.0
+    out = ["", f"step time by cost term over {len(next(iter(pred.values())))} traced candidates "
+           "(measured: op time in the profiler trace, scaled to the measured step)",
+           f"  {'term':18s} {'predicted':>10s} {'measured':>10s} {'median m/p':>10s} {'miss':>9s} {'of |miss|':>9s}"]
+    for t in sorted(pred, key=lambda t: -abs(miss[t])):
+        ratios = [m / p for p, m in zip(pred[t], meas[t]) if p > 0]
+        med = f"{statistics.median(ratios):.2f}" if ratios else "-"
+        out.append(f"  {t:18s} {sum(pred[t]) * 1e3:8.1f}ms {sum(meas[t]) * 1e3:8.1f}ms {med:>10s} "
+                   f"{miss[t] * 1e3:+8.1f}ms {abs(miss[t]) / total:9.1%}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hardware", help="hardware profile to predict with (default: calibrate now)")
@@ -151,6 +181,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--routing", help="drive the router to this law (uniform, zipf:S, hist:FILE)")
     ap.add_argument("--rounds", type=int, default=1, help="time the meshes in N interleaved rounds")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also trace 3 steps per mesh and print the step time by cost term, pooled")
     ap.add_argument("-o", "--output", help="write every result as JSON here")
     args = ap.parse_args()
 
@@ -168,7 +200,7 @@ def main() -> None:
         meshes = prof.candidate_meshes(model, train, hw, args.devices)
         routing = bal.parse_routing(args.routing) if args.routing else None
         req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup,
-                                  routing=routing, rounds=args.rounds)
+                                  routing=routing, rounds=args.rounds, breakdown=3 if args.breakdown else 0)
         t0 = time.perf_counter()
         report = prof.run_profile(req)
         print(f"{name}: {len(meshes)} meshes in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
@@ -199,6 +231,8 @@ def main() -> None:
     print("targets: median |err| <= 10%, Spearman >= 0.9, top-1 regret <= 5%, FLOPs <= 5%, memory <= 10%, "
           "comm bytes exact")
     print(scale_free_line(reports))
+    if args.breakdown:
+        print("\n".join(term_lines(pooled)))
     print(f"end: {load()}")
     if args.output:
         write_text_atomic(Path(args.output),

@@ -155,3 +155,30 @@ def test_profile_two_processes_agrees_on_comm_bytes(single_process):
     one = doc["results"][0]["measured"]["comm_bytes_per_device"]
     assert r["measured"]["comm_bytes_per_device"] == one
     assert multi["summary"]["comm_bytes_exact"] is True
+
+
+@pytest.mark.slow
+def test_profile_breakdown_splits_the_step_by_cost_term():
+    """--breakdown: a traced split whose terms add up to the step and name every part of it."""
+    result = runner.invoke(app, [*PROFILE, "--breakdown"])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.stdout)["results"]
+    m = r["measured"]
+    split, raw = m["time_by_term_s"], m["op_time_by_term_s"]
+    assert m["traced_steps"] == 3 and "breakdown_error" not in m
+    assert sum(split.values()) == pytest.approx(m["step_time_s"], rel=1e-9)
+    # data=2, expert=2, model=2 runs every kind of term: matmuls, memory-bound ops, the
+    # optimizer, and collectives on each axis
+    for term in ("attention_proj", "expert_ffn", "lm_head", "router", "optimizer_update",
+                 "norms_residuals", "moe_permute", "all_to_all", "model_axis", "data_axis"):
+        assert raw.get(term, 0.0) > 0, (term, raw)
+    assert raw.get("other", 0.0) < 0.25 * sum(raw.values()), raw  # the scopes name most of the step
+    from rich.console import Console
+
+    from moeplan.commands.validate import profile_tables
+
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    for part in profile_tables(json.loads(result.stdout)):
+        console.print(part)
+    text = console.export_text()
+    assert "Step time by cost term" in text and "all_to_all" in text

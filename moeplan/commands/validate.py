@@ -71,7 +71,7 @@ class Progress:
         elif kind == "progress":
             self.bar.update(self.task, completed=event["done"], description=f"{self.title}: {event['label']}")
         elif kind == "phase":
-            what = "compiling" if event["phase"] == "compile" else f"step {event['done']}/{event['total']}"
+            what = {"compile": "compiling", "trace": "tracing"}.get(event["phase"], f"step {event['done']}/{event['total']}")
             self.bar.update(self.task, description=f"{self.title}: {event['mesh']} {what}")
         elif kind in ("result", "error"):
             self.bar.advance(self.task)
@@ -119,6 +119,9 @@ def profile_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
     out: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON (or .yaml) document here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    breakdown: Annotated[bool, typer.Option(
+        "--breakdown", help="After timing, trace a few steps with the jax profiler and show the step time by "
+        "cost term (each op class and collective axis), predicted beside measured.")] = False,
     target: Annotated[Optional[str], typer.Option(
         "--target", help="Compile only, ahead of time, for a TPU slice such as tpu-v5p:4x4x4 (needs "
         "libtpu, the tpu extra; no TPU): compiled collectives, memory vs HBM and XLA's time "
@@ -166,7 +169,8 @@ def profile_cmd(
                                            cluster=cluster, recalibrate=recalibrate, on_event=bar)
     meshes = prof.candidate_meshes(model, train, hw, ident["count"], mesh, top)
     req = prof.ProfileRequest(model, train, hw, meshes, ident["count"], processes, steps, warmup, cluster,
-                              routing=spec, learning_rate=learning_rate, rounds=rounds)
+                              routing=spec, learning_rate=learning_rate, rounds=rounds,
+                              breakdown=TRACED_STEPS if breakdown else 0)
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)
@@ -238,7 +242,30 @@ def profile_tables(doc: dict):
         ("mesh", "left"), ("kind", "left"), "predicted", "compiled", ("match", "left")])
     for r in doc["results"]:
         _candidate_rows(r, cand, comm)
-    return [head, cand, comm, *_routing_section(doc), *_summary_lines(doc)]
+    return [head, cand, comm, *_breakdown_section(doc), *_routing_section(doc), *_summary_lines(doc)]
+
+
+def _breakdown_section(doc: dict) -> list:
+    """With --breakdown: each candidate's step time by cost term, predicted beside measured."""
+    from moeplan.validate import term_times as tt
+
+    traced = [r for r in doc["results"] if (r.get("measured") or {}).get("time_by_term_s")]
+    failed = [f"[yellow]{r['mesh']}: no breakdown ({output.esc(r['measured']['breakdown_error'])})[/]"
+              for r in doc["results"] if (r.get("measured") or {}).get("breakdown_error")]
+    if not traced:
+        return failed
+    table = output.new_table("Step time by cost term: predicted vs measured (profiler trace)", [
+        ("mesh", "left"), ("term", "left"), "predicted", "measured", "meas/pred"])
+    for r in traced:
+        rows = tt.term_rows(tt.predicted_terms(r["predicted"]), r["measured"]["time_by_term_s"])
+        for j, (term, p, m) in enumerate(rows):
+            table.add_row(r["mesh"] if j == 0 else "", term, output.fmt_seconds(p), output.fmt_seconds(m),
+                          _ratio(m / p if p else None))
+    table.caption = ("measured: each device's time inside the ops of a term, averaged over devices and "
+                     f"{traced[0]['measured']['traced_steps']} traced steps, scaled to the measured step time; "
+                     "collectives include waiting for the slowest device, and on simulated CPU devices every "
+                     "op also waits for a core (shares, not costs)")
+    return [table, *failed]
 
 
 def _candidate_rows(r: dict, cand, comm) -> None:
@@ -260,6 +287,7 @@ def _candidate_rows(r: dict, cand, comm) -> None:
 
 
 TRAJECTORY_POINTS = 6
+TRACED_STEPS = 3  # profile --breakdown: steps traced per candidate after timing
 
 
 def _routing_section(doc: dict) -> list:

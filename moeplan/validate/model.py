@@ -46,21 +46,24 @@ class Dims:
 
 def rmsnorm(x: jax.Array, scale: jax.Array) -> jax.Array:
     """RMSNorm (Zhang & Sennrich, arXiv 1910.07467), computed in float32."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    with jax.named_scope("norm"):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal softmax(q k^T / sqrt(D)) v with GQA; full S x S scores (no flash)."""
     b, s, n, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, s, kv, n // kv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) / math.sqrt(d)
-    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, n, d)
+    with jax.named_scope("attn_scores"):
+        q = q.reshape(b, s, kv, n // kv, d)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) / math.sqrt(d)
+        with jax.named_scope("attn_softmax"):
+            causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, n, d)
 
 
 def attention(x: jax.Array, w: dict, dims: Dims) -> jax.Array:
@@ -118,7 +121,8 @@ def forward_loss(params: dict, inputs: jax.Array, targets: jax.Array, dims: Dims
     z_coef * z, router losses summed over MoE layers (each layer adds its own, Switch sec. 2.2).
     """
     model, cd = dims.model, dims.compute_dtype
-    x = params["embed"][inputs].astype(cd)
+    with jax.named_scope("embed"):
+        x = params["embed"][inputs].astype(cd)
     stats = []
     for layer in range(model.layers):
         fn = lambda x, w, layer=layer: block(x, w, layer, dims, key)  # noqa: E731
@@ -129,9 +133,11 @@ def forward_loss(params: dict, inputs: jax.Array, targets: jax.Array, dims: Dims
             stats.append(st)
     x = rmsnorm(x, params["final_norm"])
     head = params["embed"].T if model.tie_embeddings else params["head"]
-    logits = jnp.dot(x, head.astype(cd)).astype(jnp.float32)
-    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    lm = jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold) / dims.global_tokens
+    with jax.named_scope("lm_head"):
+        logits = jnp.dot(x, head.astype(cd)).astype(jnp.float32)
+    with jax.named_scope("loss"):
+        gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        lm = jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold) / dims.global_tokens
     aux = sum((st[2] for st in stats), jnp.float32(0)) / dims.groups
     z = sum((st[3] for st in stats), jnp.float32(0)) / dims.groups
     objective = lm + dims.aux_coef * aux + dims.z_coef * z

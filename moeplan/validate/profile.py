@@ -48,6 +48,7 @@ class ProfileRequest:
     rounds: int = 1  # >1: time all candidates in interleaved rounds (measure_task)
     routing: bal.Routing | None = None  # drive the real router to this law (None: leave it alone)
     learning_rate: float | None = None  # StepOptions.learning_rate override (None: the step's default)
+    breakdown: int = 0  # >0: after timing, trace this many steps for the time by cost term (term_times.py)
 
 
 @dataclass
@@ -211,6 +212,7 @@ def payload(req: ProfileRequest) -> dict:
         "steps": req.steps,
         "warmup": req.warmup,
         "rounds": req.rounds,
+        "breakdown": req.breakdown,
         "options": skew.step_options(req.model, req.routing, req.learning_rate),
     }
 
@@ -240,7 +242,8 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
             prep = prepare_one(model, train, mesh, devices[: mesh.devices], phase=phase,
                                options=payload.get("options"))
             if not interleave:
-                _emit_result(emit, i, mesh, time_alone(prep, payload["steps"], payload["warmup"], phase))
+                record = time_alone(prep, payload["steps"], payload["warmup"], phase)
+                _emit_result(emit, i, mesh, with_breakdown(prep, record, payload.get("breakdown", 0), phase))
             else:
                 warm_up(prep, payload["warmup"])
                 ready[i] = prep
@@ -254,7 +257,9 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     if ready:
         emit({"event": "phase", "index": min(ready), "mesh": "all", "phase": "rounds", "done": 0, "total": rounds})
         for i, rec in time_in_rounds(ready, payload["steps"], rounds).items():
-            _emit_result(emit, i, meshes[i], rec)
+            trace = lambda name, done=0, total=0, i=i: emit(  # noqa: E731
+                {"event": "phase", "index": i, "mesh": str(meshes[i]), "phase": name, "done": done, "total": total})
+            _emit_result(emit, i, meshes[i], with_breakdown(ready[i], rec, payload.get("breakdown", 0), trace))
         ready.clear()
         release_memory()
 
@@ -348,6 +353,30 @@ def time_in_rounds(ready: dict[int, Prepared], steps: int, rounds: int) -> dict[
         t = timed[str(i)]
         out[i] = finish(prep, t.time_s, t.time_cv, list(t.times_s))
     return out
+
+
+def with_breakdown(prep: Prepared, record: dict, steps: int, phase: Callable[..., None]) -> dict:
+    """`record` plus the measured time by cost term from `steps` traced steps (none: as is).
+
+    Runs after timing, so the profiler never touches a timed step; the traced steps are
+    left out of the routing history (its "last step" is the last timed one).
+    """
+    if steps <= 0:
+        return record
+    import jax
+
+    from moeplan.validate import term_times
+
+    phase("trace")
+    kept = len(prep.history)
+    try:
+        split = term_times.measure(prep.built.compile(), prep.run, steps, jax.block_until_ready,
+                                   record["step_time_s"])
+    except Exception as e:  # noqa: BLE001 (a profiler that cannot trace costs the split, not the timing)
+        split = {"breakdown_error": failure_reason(e)}
+    finally:
+        del prep.history[kept:]
+    return {**record, **split}
 
 
 def finish(prep: Prepared, median_s: float, cv: float, times_s: list[float]) -> dict:

@@ -106,6 +106,11 @@ def check_plan(model: ModelSpec, train: TrainSpec, mesh: Mesh) -> None:
 
 def _adam(p, g, mu, nu, count, opt: StepOptions):
     """One Adam update of one local shard (bias-corrected moments, Kingma & Ba alg. 1)."""
+    with jax.named_scope("adam"):
+        return _adam_update(p, g, mu, nu, count, opt)
+
+
+def _adam_update(p, g, mu, nu, count, opt: StepOptions):
     g32 = g.astype(mu.dtype)
     mu = opt.b1 * mu + (1 - opt.b1) * g32
     nu = opt.b2 * nu + (1 - opt.b2) * g32 * g32
@@ -237,7 +242,9 @@ class BuiltStep:
             )
             m0 = jax.lax.pcast(jnp.zeros((self.metric_size,), jnp.float32), BATCH_AXES, to="varying")
             (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), (inputs, targets, jnp.arange(ga, dtype=jnp.int32)))
-        return self._reduce(grads), jax.lax.psum(metrics, BATCH_AXES)
+        with jax.named_scope("metrics"):
+            metrics = jax.lax.psum(metrics, BATCH_AXES)
+        return self._reduce(grads), metrics
 
     def _reduce(self, grads: dict) -> dict:
         """One psum per gradient group: non-expert over (data, expert), expert over data."""
@@ -246,7 +253,8 @@ class BuiltStep:
             group = [i for i in self.table if i.expert == expert]
             if not group:
                 continue
-            summed = jax.lax.psum([_get(grads, i.path) for i in group], group[0].grad_axes)
+            with jax.named_scope("grad_reduce"):
+                summed = jax.lax.psum([_get(grads, i.path) for i in group], group[0].grad_axes)
             out.update({i.path: g for i, g in zip(group, summed)})
         return tree_from_table(self.table, lambda i: out[i.path])
 
