@@ -184,11 +184,33 @@ class CurvePoint(_Spec):
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak_flops at that size.")
 
 
+class SizeFactor(_Spec):
+    """One point of a collective kind's time multiplier by buffer size (KindScale.by_size)."""
+
+    size: PositiveFloat = Field(description="Buffer bytes per device (traffic.py convention).")
+    factor: PositiveFloat = Field(description="Measured time over the kind's alpha-beta fit at that size.")
+
+
 class KindScale(_Spec):
     """One collective kind's measured alpha and beta relative to its link's (see collective_scale)."""
 
     latency: float = Field(1.0, ge=0, description="Multiplier of the link's per-step latency.")
     bandwidth: PositiveFloat = Field(1.0, description="Multiplier of the link's bandwidth.")
+    by_size: list[SizeFactor] | None = Field(
+        None,
+        description="Measured time over the alpha-beta fit, by buffer size (interpolated in log "
+        "size, held beyond the ends): what a straight line in bytes cannot say. On CPU devices "
+        "a large collective also pays first-touch page faults on its fresh output (32 MiB "
+        "all-reduces measured 2-4x their fit); accelerators need no curve.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> KindScale:
+        if self.by_size is not None:
+            sizes = [p.size for p in self.by_size]
+            if not sizes or sizes != sorted(set(sizes)):
+                raise ValueError("by_size needs at least one point, sizes strictly increasing")
+        return self
 
 
 class HardwareProfile(_Spec):
@@ -207,6 +229,13 @@ class HardwareProfile(_Spec):
     hbm_bytes: PositiveFloat = Field(description="Device memory capacity in bytes.")
     hbm_bandwidth: PositiveFloat = Field(description="Device memory bandwidth in bytes/s.")
     memory_efficiency: float = Field(0.8, gt=0, le=1, description="Achievable fraction of HBM bandwidth.")
+    inplace_bandwidth: PositiveFloat | None = Field(
+        None,
+        description="Bytes/s of an elementwise update written into its own input's buffer, as the "
+        "optimizer updates the donated training state; measured by `moeplan calibrate`. None: "
+        "hbm_bandwidth. On CPU devices a fresh output buffer costs first-touch page faults that "
+        "an in-place update does not (measured 3-6x faster); on accelerators the two are equal.",
+    )
     scale_up: Link = Field(description="Fast domain: NVLink / ICI / on-host.")
     scale_up_size: PositiveInt = Field(description="Devices in one scale-up domain.")
     scale_out: Link = Field(description="Between domains: InfiniBand / RoCE / DCN.")

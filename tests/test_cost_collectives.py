@@ -177,3 +177,26 @@ def test_collective_scale_times_each_kind_at_its_own_alpha_and_beta():
     assert comm_totals([c], plans, scaled).seconds_by_term["data_axis"][0] == pytest.approx(14e-6 + 917504 / 40e9)
     ar = entry("all-reduce", ("data",), 1048576.0)  # kinds not listed keep the link as it is
     assert comm_totals([ar], plans, scaled).seconds_by_term["data_axis"][0] == pytest.approx(14e-6 + 1835008 / 100e9)
+
+
+def test_size_factor_scales_each_entry_by_its_buffer_size():
+    # by_size 1 MiB -> 1.0, 16 MiB -> 3.0; linear in log(size): 4 MiB (halfway in log) -> 2.0;
+    # held beyond the ends: 64 KiB -> 1.0, 64 MiB -> 3.0
+    curve = [{"size": 2**20, "factor": 1.0}, {"size": 2**24, "factor": 3.0}]
+    scaled = hw(collective_scale={"all-reduce": {"by_size": curve}})
+    plans = one(Mesh(data=8))
+    for buffer, factor in ((2**16, 1.0), (2**20, 1.0), (2**22, 2.0), (2**24, 3.0), (2**26, 3.0)):
+        c = entry("all-reduce", ("data",), float(buffer))
+        plain = comm_totals([c], plans, hw()).seconds_by_term["data_axis"][0]
+        got = comm_totals([c], plans, scaled).seconds_by_term["data_axis"][0]
+        assert got == pytest.approx(factor * plain, rel=1e-12), buffer
+        # bytes on the wire do not change: only the time per byte does
+        assert comm_totals([c], plans, scaled).bytes_by_kind["all-reduce"][0] == c.wire_bytes(plans)[0]
+    a2a = entry("all-to-all", ("data",), float(2**24))  # a kind without a curve: factor 1
+    assert comm_totals([a2a], plans, scaled).seconds_by_term["data_axis"][0] == pytest.approx(
+        comm_totals([a2a], plans, hw()).seconds_by_term["data_axis"][0])
+
+
+def test_by_size_points_must_increase():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        hw(collective_scale={"all-reduce": {"by_size": [{"size": 2e6, "factor": 1.0}, {"size": 1e6, "factor": 2.0}]}})

@@ -270,3 +270,18 @@ def test_closed_forms_match_matmul_by_matmul_reference(seed):
     for name, (flops, elems) in ref.items():
         assert work[name].flops[0] == pytest.approx(flops * 3 * layers[name], rel=1e-12), name
         assert work[name].bytes[0] == pytest.approx(elems * 2 * 3 * layers[name], rel=1e-12), name
+
+
+def test_in_place_work_streams_at_the_inplace_bandwidth():
+    # 4e9 bytes at 2e12 B/s * 0.5 efficiency = 4e-3 s; in place at 8e12 * 0.5 = 1e-3 s
+    h = hw(bw=2e12, mem_eff=0.5)
+    fresh = Work(np.array([0.0]), np.array([4e9]), memory_only=True)
+    in_place = Work(np.array([0.0]), np.array([4e9]), memory_only=True, in_place=True)
+    assert roofline_s(in_place, h)[0] == pytest.approx(4e-3)  # no in-place rate: hbm's
+    faster = h.model_copy(update={"inplace_bandwidth": 8e12})
+    assert roofline_s(in_place, faster)[0] == pytest.approx(1e-3)
+    assert roofline_s(fresh, faster)[0] == pytest.approx(4e-3)  # fresh outputs keep hbm's rate
+    # the optimizer update is the in-place class: the step donates its state
+    train = TrainSpec(seq_len=4, global_batch=2)
+    work = op_work(TINY, train, plans(Mesh(), train))
+    assert work["optimizer_update"].in_place and not work["norms_residuals"].in_place

@@ -222,3 +222,42 @@ def test_collective_scale_is_each_kinds_own_fit_over_the_joint_one():
     assert a2a["bandwidth"] * joint == pytest.approx(0.4 * BW)  # the kind's own rate, recovered
     assert a2a["latency"] * prof["scale_up"]["latency"] == pytest.approx(ALPHA)
     assert prof["collective_scale"]["all-reduce"]["bandwidth"] * joint == pytest.approx(BW)
+
+
+def test_in_place_copies_give_inplace_bandwidth():
+    raw = raw_record()
+    assert "inplace_bandwidth" not in cal.fit_profile(raw, name="test cpu")  # none measured: hbm's rate
+    raw["copy_in_place"] = [{"bytes_per_device": 2**22, "time_s": 1e-3, "bytes_per_s": 6e9},
+                            {"bytes_per_device": 2**24, "time_s": 5e-3, "bytes_per_s": 4e9}]
+    prof = cal.fit_profile(raw, name="test cpu")
+    assert prof["inplace_bandwidth"] == pytest.approx(2 / (1 / 6e9 + 1 / 4e9))  # harmonic mean: 4.8e9
+    assert prof["measured"]["copy_in_place"] == raw["copy_in_place"]
+    assert presets.build(presets.HardwareProfile, prof, "test").inplace_bandwidth == pytest.approx(4.8e9)
+
+
+def test_size_factors_are_time_over_the_kinds_fit_per_buffer_size():
+    fit = {"latency_s": ALPHA, "bandwidth_Bps": BW}
+    pts = synthetic_points()
+    slow = {16 * 1024: (1.0, 1.0, 1.0), 4 * 2**20: (2.0, 8.0, 4.0)}  # per group 2, 4, 8
+    for p in pts:
+        if p["buffer_bytes"] in slow:
+            p["time_s"] *= slow[p["buffer_bytes"]][(2, 4, 8).index(p["group"])]
+    got = cal.size_factors(pts, {"all-reduce": fit})
+    assert list(got) == ["all-reduce"]  # kinds without a fit get no curve
+    assert [p["size"] for p in got["all-reduce"]] == [16 * 1024, 256 * 1024, 4 * 2**20]
+    # the geometric mean over group sizes: (2 * 8 * 4)^(1/3) = 4 at 4 MiB, exactly 1 elsewhere
+    assert [p["factor"] for p in got["all-reduce"]] == pytest.approx([1.0, 1.0, 4.0])
+
+
+def test_fit_profile_writes_the_size_curve_into_collective_scale():
+    raw = raw_record()
+    for p in raw["collectives"]:
+        if p["kind"] == "all-reduce" and p["buffer_bytes"] == 4 * 2**20:
+            p["time_s"] *= 3.0  # the largest all-reduces pay extra, as on CPU hosts
+    prof = cal.fit_profile(raw, name="test cpu")
+    curve = prof["collective_scale"]["all-reduce"]["by_size"]
+    assert curve[-1]["size"] == 4 * 2**20 and curve[-1]["factor"] > 1.5 > curve[0]["factor"]
+    for kind in ("all-to-all", "all-gather", "reduce-scatter"):  # untouched kinds: factors of 1
+        assert [p["factor"] for p in prof["collective_scale"][kind]["by_size"]] == pytest.approx([1.0] * 3)
+    hw = presets.build(presets.HardwareProfile, prof, "test")
+    assert hw.collective_scale["all-reduce"].by_size[-1].factor == pytest.approx(curve[-1]["factor"])

@@ -412,12 +412,18 @@ def calibrate_tables(doc: dict):
     t = output.new_table(f"Calibrated hardware profile -> {output.esc(doc['path'])}", [("figure", "left"), "value"])
     t.add_row("peak_flops (per device)", output.fmt_rate(p["peak_flops"], "FLOP"))
     t.add_row("hbm_bandwidth (per device)", output.fmt_rate(p["hbm_bandwidth"], "B"))
+    if p.get("inplace_bandwidth"):
+        t.add_row("inplace_bandwidth (per device)", output.fmt_rate(p["inplace_bandwidth"], "B"))
     t.add_row("hbm_bytes (per device)", output.fmt_bytes(p["hbm_bytes"]))
     for link in ("scale_up", "scale_out"):
         t.add_row(f"{link} bandwidth", output.fmt_rate(p[link]["bandwidth"], "B"))
         t.add_row(f"{link} latency", output.fmt_seconds(p[link]["latency"]))
     t.add_row("scale_up_size", str(p["scale_up_size"]))
     t.add_row("overlap", f"{p['overlap']:.2f}")
+    for kind, scale in (p.get("collective_scale") or {}).items():
+        curve = " ".join(f"{output.fmt_bytes(q['size'])}:{q['factor']:.2f}x" for q in scale.get("by_size", []))
+        t.add_row(f"{kind} vs link", f"alpha x{scale['latency']:.2f}, beta x{scale['bandwidth']:.2f}"
+                  + (f"; time by size {curve}" if curve else ""))
     fits = "; ".join(f"{k}: rms relative residual {v['rms_rel_residual']:.2f} over {v['points']} points"
                      for k, v in doc["fits"].items())
     warn = [f"[yellow]warning: {output.esc(w)}[/]" for w in doc.get("warnings", [])]

@@ -127,6 +127,17 @@ def kind_scale(hw: HardwareProfile, kind: str) -> tuple[float, float]:
     return (1.0, 1.0) if scale is None else (scale.latency, scale.bandwidth)
 
 
+def size_factor(hw: HardwareProfile, kind: str, buffer_bytes: np.ndarray | float) -> np.ndarray | float:
+    """Measured time over the alpha-beta fit for `kind` at `buffer_bytes` (KindScale.by_size):
+    linear in log(size) between the calibrated points, held beyond them; 1 without a curve."""
+    scale = (hw.collective_scale or {}).get(kind)
+    curve = None if scale is None else scale.by_size
+    if not curve:
+        return 1.0
+    xs = np.log([p.size for p in curve])
+    return np.interp(np.log(np.maximum(buffer_bytes, 1.0)), xs, [p.factor for p in curve])
+
+
 def entry_key(c: Collective) -> str:
     """Unique, readable name of a traffic entry, e.g. 'all-reduce: non-expert gradients'."""
     return f"{c.kind}: {c.name}"
@@ -145,7 +156,8 @@ def comm_totals(
     collectives: list[Collective], plans: Plans, hw: HardwareProfile, per_entry: bool = True
 ) -> CommTotals:
     """Time and bytes of every entry: count * (steps * alpha + wire_bytes / beta) with the
-    link's alpha and beta scaled by `kind_scale`, and the same bytes as
+    link's alpha and beta scaled by `kind_scale`, times the kind's `size_factor` at the
+    entry's buffer size, and the same bytes as
     `traffic.bytes_by_kind`, with the per-group factors computed once per (axes, kind)
     because the search calls this on up to 10^6 plans. `per_entry=False` skips
     seconds_by_entry (left empty)."""
@@ -172,7 +184,7 @@ def comm_totals(
             factors[key] = (share, ring_steps(c.kind, size) * (link.latency * lat), share / (link.bandwidth * bw))
         share, alpha, beta = factors[key]
         moved = c.count * c.buffer_bytes
-        s = c.count * alpha + moved * beta
+        s = (c.count * alpha + moved * beta) * size_factor(hw, c.kind, c.buffer_bytes)
         by_term[c.term] += s
         by_kind[c.kind] += moved * share
         if per_entry:

@@ -74,6 +74,7 @@ class Work:
     bytes: np.ndarray  # HBM traffic: inputs + weights + outputs (compute dtype for matmuls)
     size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key); 0: none
     memory_only: bool = False  # no FLOPs at all: timed on the memory roofline alone
+    in_place: bool = False  # writes into its inputs' buffers (donated state): hw.inplace_bandwidth
 
 
 def passes(train: TrainSpec, recompute: np.ndarray | bool | float) -> np.ndarray | float:
@@ -200,7 +201,9 @@ def op_work(
         no_flops = np.isscalar(op.flops) and op.flops == 0.0
         work[name] = Work(_full(op.flops * k, zero), _full(op.elems * (elem_bytes.get(name, cb) * k), zero), op.size,
                           memory_only=no_flops)
-    work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans), memory_only=True)
+    # the step donates its state, so Adam's outputs overwrite its inputs (validate/step.py)
+    work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans), memory_only=True,
+                                    in_place=True)
     for name, total in elementwise.elementwise_bytes(model, train, plans).items():
         work[name] = Work(zero, _full(total, zero), memory_only=True)
     return {name: work[name] for name in OP_CLASSES}
@@ -230,7 +233,8 @@ def roofline_s(work: Work, hw: HardwareProfile) -> np.ndarray:
     The roofline model: Williams, Waterman & Patterson, "Roofline: an insightful visual
     performance model for multicore architectures", CACM 52(4), 2009.
     """
-    mem_s = work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency)
+    rate = hw.inplace_bandwidth if work.in_place and hw.inplace_bandwidth else hw.hbm_bandwidth
+    mem_s = work.bytes / (rate * hw.memory_efficiency)
     if work.memory_only:
         return mem_s
     flop_s = work.flops / (hw.peak_flops * matmul_efficiency(hw, work.size))

@@ -187,8 +187,10 @@ def copy_bandwidth(points: list[dict]) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
-def collective_scale(joint: LinkFit, per_kind: dict[str, dict]) -> dict[str, dict]:
-    """Each kind's own alpha and beta over the joint fit's, for HardwareProfile.collective_scale.
+def collective_scale(joint: LinkFit, per_kind: dict[str, dict],
+                     by_size: dict[str, list[dict]] | None = None) -> dict[str, dict]:
+    """Each kind's own alpha and beta over the joint fit's, for HardwareProfile.collective_scale,
+    with its time-by-size factors (`size_factors`) where given.
 
     Why: the joint fit averages kinds that use a link differently. On 8 CPU devices the
     all-to-all's own fit reached 0.34-0.43 of the joint bandwidth in eight calibrations and
@@ -204,6 +206,34 @@ def collective_scale(joint: LinkFit, per_kind: dict[str, dict]) -> dict[str, dic
             continue  # a latency-only fit says nothing about this kind's bandwidth
         lat = fit["latency_s"] / joint.latency if joint.latency > 0 else 1.0
         out[kind] = {"latency": float(lat), "bandwidth": float(fit["bandwidth_Bps"] / joint.bandwidth)}
+        if (by_size or {}).get(kind):
+            out[kind]["by_size"] = by_size[kind]
+    return out
+
+
+def size_factors(points: list[dict], per_kind: dict[str, dict]) -> dict[str, list[dict]]:
+    """Per kind: measured time over the kind's own alpha-beta fit at each buffer size, the
+    geometric mean over group sizes (HardwareProfile KindScale.by_size).
+
+    Why: one straight line in bytes cannot hold a host whose large collectives are slower
+    per byte than its small ones. On 8 CPU devices a 32 MiB all-reduce also pays
+    first-touch page faults on its fresh output and measured 2-4x its fit, and a step's
+    gradient all-reduce is that large; the relative-error fit splits the difference with
+    the small sizes. Only the scale_up points are used (the curve applies to both links).
+    """
+    out: dict[str, list[dict]] = {}
+    for kind, fit in per_kind.items():
+        if not math.isfinite(fit["bandwidth_Bps"]):
+            continue
+        logs: dict[float, list[float]] = {}
+        for p in points:
+            if p["kind"] != kind or p["link"] != "scale_up":
+                continue
+            fitted = p["steps"] * fit["latency_s"] + p["wire_bytes"] / fit["bandwidth_Bps"]
+            if fitted > 0 and p["time_s"] > 0:
+                logs.setdefault(float(p["buffer_bytes"]), []).append(math.log(p["time_s"] / fitted))
+        if logs:
+            out[kind] = [{"size": size, "factor": float(math.exp(np.mean(v)))} for size, v in sorted(logs.items())]
     return out
 
 
@@ -221,7 +251,8 @@ def fit_profile(raw: dict, *, name: str) -> dict:
     per_kind = {k: fit_link(pts).record() for k in KINDS
                 if len(pts := [p for p in raw["collectives"] if p["kind"] == k and p["link"] == "scale_up"]) >= 2}
     ov = raw["overlap"]
-    scale = collective_scale(links["scale_up"], per_kind)
+    scale = collective_scale(links["scale_up"], per_kind, size_factors(raw["collectives"], per_kind))
+    in_place = raw.get("copy_in_place") or []
     return {
         "name": name,
         "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
@@ -230,6 +261,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "hbm_bytes": float(dev["memory_bytes"]),
         "hbm_bandwidth": copy_bandwidth(raw["copy"]),
         "memory_efficiency": 1.0,
+        **({"inplace_bandwidth": copy_bandwidth(in_place)} if in_place else {}),
         "scale_up": {"bandwidth": links["scale_up"].bandwidth, "latency": links["scale_up"].latency},
         "scale_up_size": dev["count"] // dev["processes"] if "scale_out" in links else dev["count"],
         "scale_out": {"bandwidth": out_link.bandwidth, "latency": out_link.latency},
@@ -251,6 +283,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
             "collective_fit_by_kind": per_kind,
             "matmul": raw["matmul"],
             "copy": raw["copy"],
+            "copy_in_place": in_place,
             "collectives": raw["collectives"],
             "overlap": ov,
         },
@@ -298,9 +331,12 @@ def header(profile: dict) -> str:
         "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
         "# hbm_bandwidth: harmonic mean of the per-device rates of x+1 over buffers of "
         + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in m["copy"]) + " (read + write bytes)",
+        "# inplace_bandwidth: the same for x = x + 1 with x donated (output written over the input)",
         "# scale_up/scale_out: least-squares alpha-beta fit, time = ring_steps*latency + "
         f"wire_bytes/bandwidth, over {', '.join(KINDS)} (rms relative residual "
         f"{up['rms_rel_residual']:.2f} on {up['points']} points)",
+        "# collective_scale: each kind's own alpha-beta fit over the joint one; by_size: measured time "
+        "over that fit per buffer size (geometric mean over group sizes)",
         "# overlap: matmul + independent all-reduce in one program vs each alone",
         "# hbm_bytes: device memory limit (host devices: host RAM / devices per process)",
         "# Refreshed by `moeplan calibrate`; remove the first line to keep your edits from being overwritten.",
@@ -366,7 +402,7 @@ def calibrate_task(payload: dict, devices: list, emit: Callable[[dict], None]) -
     plan = mb.Bench(devices=devices, dtype=dtype, steps=steps, warmup=warmup, sweep=sweep)
     jobs = mb.job_list(plan)
     emit({"event": "start", "total": len(jobs)})
-    raw: dict[str, Any] = {"matmul": [], "copy": [], "collectives": [], "overlap": {}}
+    raw: dict[str, Any] = {"matmul": [], "copy": [], "copy_in_place": [], "collectives": [], "overlap": {}}
     for i, (section, label, job) in enumerate(jobs):
         emit({"event": "progress", "done": i, "label": label})
         result = job()
