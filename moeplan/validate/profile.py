@@ -236,8 +236,7 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     emit({"event": "start", "total": len(meshes)})
     ready: dict[int, Prepared] = {}
     for i, mesh in enumerate(meshes):
-        phase = lambda name, done=0, total=0, i=i, mesh=mesh: emit(  # noqa: E731
-            {"event": "phase", "index": i, "mesh": str(mesh), "phase": name, "done": done, "total": total})
+        phase = _phases(emit, i, mesh)
         try:
             prep = prepare_one(model, train, mesh, devices[: mesh.devices], phase=phase,
                                options=payload.get("options"))
@@ -257,11 +256,17 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     if ready:
         emit({"event": "phase", "index": min(ready), "mesh": "all", "phase": "rounds", "done": 0, "total": rounds})
         for i, rec in time_in_rounds(ready, payload["steps"], rounds).items():
-            trace = lambda name, done=0, total=0, i=i: emit(  # noqa: E731
-                {"event": "phase", "index": i, "mesh": str(meshes[i]), "phase": name, "done": done, "total": total})
-            _emit_result(emit, i, meshes[i], with_breakdown(ready[i], rec, payload.get("breakdown", 0), trace))
+            _emit_result(emit, i, meshes[i],
+                         with_breakdown(ready[i], rec, payload.get("breakdown", 0), _phases(emit, i, meshes[i])))
         ready.clear()
         release_memory()
+
+
+def _phases(emit: Emit, i: int, mesh: Mesh) -> Callable[..., None]:
+    """phase(name, done, total): candidate i's progress events (compile, run, trace)."""
+    def phase(name: str, done: int = 0, total: int = 0) -> None:
+        emit({"event": "phase", "index": i, "mesh": str(mesh), "phase": name, "done": done, "total": total})
+    return phase
 
 
 def _emit_result(emit: Emit, i: int, mesh: Mesh, record: dict) -> None:
