@@ -70,7 +70,8 @@ class Sweep:
     mmap threshold (8 CPU devices: 32-512 MiB in all); hbm_bandwidth is their harmonic mean."""
     collective_bytes: tuple[int, ...]
     """Buffer bytes per collective (traffic.py convention), from latency-bound messages up to
-    the size of a small model's gradient all-reduce (on CPU the largest leave the caches)."""
+    the size of a small model's gradient all-reduce (small-moe's is 60 MB; on CPU the largest
+    pay page faults on their fresh outputs, KindScale.by_size)."""
     repeat: int = 4
     """Collectives chained in one program, so the program launch is spread over them."""
     repeat_below: int = 1 * MIB
@@ -86,7 +87,7 @@ FULL = Sweep(
                    (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
                    (256, 128, 512), (1024, 256, 1024), (64, 256, 1024)),
     copy_bytes=(4 * MIB, 8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB),
-    collective_bytes=(16 * 1024, 256 * 1024, 4 * MIB, 32 * MIB),
+    collective_bytes=(16 * 1024, 256 * 1024, 4 * MIB, 32 * MIB, 64 * MIB),
 )
 # A smoke test of the machinery (tests, `calibrate --quick`): a few points, figures to distrust.
 QUICK = Sweep(matmul_shapes=((256, 256, 256),), copy_bytes=(4 * MIB,),
