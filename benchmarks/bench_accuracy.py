@@ -17,9 +17,13 @@ With --routing zipf:1.5 (or any `moeplan profile --routing` law) the real router
 to that skew and the prediction includes the imbalance term: the same table under skew, plus
 per candidate the predicted and measured drop fraction of the first step.
 
+With --breakdown every candidate is also traced for 3 steps (`moeplan profile --breakdown`)
+and a last table sums the step time by cost term over all candidates, predicted against
+measured, ranked by each term's share of the summed miss: which term carries the error.
+
 Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--steps 10]
        [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
-       [--routing SPEC] [--rounds N] [-o out.json]
+       [--routing SPEC] [--rounds N] [--breakdown] [-o out.json]
 
 --rounds N compiles every mesh of a shape first and times them in N interleaved rounds
 (`moeplan profile --rounds`), so load drifting during the run hits all meshes alike.
