@@ -133,6 +133,8 @@ def profile_cmd(
     if remat is not None:
         remat = output.check_choice("--remat", remat, ("none", "selective", "full"))
     spec = _routing_spec(routing, learning_rate, target)
+    if breakdown and target is not None:
+        raise MoeplanError("--breakdown traces steps that run; --target only compiles (drop one of them)")
     if target is not None:
         from moeplan.commands import tpu_profile
 
