@@ -116,3 +116,25 @@ def test_term_rows_fold_small_terms_into_rest() -> None:
     rows = tt.term_rows(pred, meas)
     assert [r[0] for r in rows] == ["all_to_all", "expert_ffn", "data_axis", tt.REST]
     assert rows[-1][1:] == pytest.approx((0.001, 0.007))
+
+
+def _wait(ts: float, dur: float, tid: int = 1) -> dict:
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": "Wait: pending_threads=3/8"}
+
+
+def test_rendezvous_waits_inside_a_collective_become_their_own_event():
+    raw = [
+        _event("all-reduce.4", 0, ts=0.0, dur=100.0),
+        _wait(10.0, 20.0), _wait(20.0, 20.0),  # overlapping: their union is 10..40
+        _wait(50.0, 10.0),
+        _wait(150.0, 10.0),  # outside any op: nobody's
+        _event("while.1", 1, ts=0.0, dur=100.0, tid=2),  # waits inside a loop's collective
+        _event("all-to-all.2", 1, ts=10.0, dur=50.0, tid=2),
+        _wait(20.0, 30.0, tid=2),
+    ]
+    got = sorted((e.name, round(e.seconds * 1e6, 6)) for e in tt.exclusive_events(raw))
+    assert got == [("all-reduce.4", 60.0), ("all-to-all.2", 20.0), ("wait:all-reduce.4", 40.0),
+                   ("wait:all-to-all.2", 30.0), ("while.1", 50.0)]
+    split = tt.seconds_by_term(tt.exclusive_events(raw), {"all-reduce.4": "data_axis"}, steps=1)
+    assert split[tt.WAIT] == pytest.approx(35e-6)  # (40 + 30) us over 2 devices
+    assert split["data_axis"] == pytest.approx(30e-6)

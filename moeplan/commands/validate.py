@@ -265,8 +265,8 @@ def _breakdown_section(doc: dict) -> list:
                           _ratio(m / p if p else None))
     table.caption = ("measured: each device's time inside the ops of a term, averaged over devices and "
                      f"{traced[0]['measured']['traced_steps']} traced steps, scaled to the measured step time; "
-                     "collectives include waiting for the slowest device, and on simulated CPU devices every "
-                     "op also waits for a core (shares, not costs)")
+                     "'waiting': collectives' rendezvous waits for the other devices, where the runtime records "
+                     "them (CPU); on simulated CPU devices every op also waits for a core (shares, not costs)")
     return [table, *failed]
 
 

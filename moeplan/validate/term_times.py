@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from bisect import bisect_left
 import re
 import tempfile
 from collections import defaultdict
@@ -154,34 +155,66 @@ def instruction_terms(hlo_text: str) -> dict[str, str]:
 
 
 def exclusive_events(raw: Iterable[dict]) -> list[OpEvent]:
-    """Profiler 'X' events that name an HLO op, with nested op time subtracted.
+    """Profiler 'X' events that name an HLO op, with nested op time subtracted, and the time
+    a collective spent waiting split off as its own event (named WAIT_PREFIX + op).
 
     Events on one thread nest by time; an op that contains others (a while loop, a call)
-    keeps only the time not spent in them.
+    keeps only the time not spent in them. The CPU runtime also records, inside a
+    collective, its rendezvous waits for the other devices ("Wait: pending_threads=...");
+    their union inside a leaf op is that op's waiting time.
     """
     by_thread: dict[tuple, list[dict]] = defaultdict(list)
+    waits: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for e in raw:
-        args = e.get("args") or {}
-        if e.get("ph") == "X" and "hlo_op" in args:
-            by_thread[(e.get("pid"), e.get("tid"))].append(e)
-    out = []
-    for events in by_thread.values():
+        if e.get("ph") != "X":
+            continue
+        key = (e.get("pid"), e.get("tid"))
+        if "hlo_op" in (e.get("args") or {}):
+            by_thread[key].append(e)
+        elif str(e.get("name", "")).startswith("Wait"):
+            waits[key].append((e["ts"], e["ts"] + e["dur"]))
+    out: list[OpEvent] = []
+    for key, events in by_thread.items():
         events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        pending = sorted(waits.get(key, []))
         stack: list[list] = []  # [event, end, child time]
         for e in events:
             while stack and e["ts"] >= stack[-1][1]:
-                out.append(_closed(stack.pop()))
+                out.extend(_closed(stack.pop(), pending))
             if stack:
                 stack[-1][2] += e["dur"]
             stack.append([e, e["ts"] + e["dur"], 0.0])
-        out.extend(_closed(s) for s in reversed(stack))
+        while stack:
+            out.extend(_closed(stack.pop(), pending))
     return out
 
 
-def _closed(entry: list) -> OpEvent:
-    e, _, child = entry
+WAIT_PREFIX = "wait:"
+WAIT = "waiting"  # the term of collectives' rendezvous waits
+
+
+def _closed(entry: list, waits: list[tuple[float, float]]) -> list[OpEvent]:
+    e, end, child = entry
     args = e["args"]
-    return OpEvent(args["hlo_op"], str(args.get("device_ordinal", e.get("pid"))), max(e["dur"] - child, 0.0) * 1e-6)
+    device = str(args.get("device_ordinal", e.get("pid")))
+    waited = _covered(waits, e["ts"], end) if child == 0 else 0.0
+    own = OpEvent(args["hlo_op"], device, max(e["dur"] - child - waited, 0.0) * 1e-6)
+    return [own, OpEvent(WAIT_PREFIX + args["hlo_op"], device, waited * 1e-6)] if waited else [own]
+
+
+def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Length of the union of the (sorted) intervals lying inside [start, end]."""
+    total, reach = 0.0, start
+    for a, b in intervals[bisect_left(intervals, (start, start)):]:
+        if a >= end:
+            break
+        if b > end:
+            continue
+        a = max(a, reach)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
 
 
 def seconds_by_term(events: Iterable[OpEvent], terms: dict[str, str], steps: int) -> dict[str, float]:
@@ -189,7 +222,7 @@ def seconds_by_term(events: Iterable[OpEvent], terms: dict[str, str], steps: int
     total: dict[str, float] = defaultdict(float)
     devices = set()
     for ev in events:
-        total[terms.get(ev.name, OTHER)] += ev.seconds
+        total[WAIT if ev.name.startswith(WAIT_PREFIX) else terms.get(ev.name, OTHER)] += ev.seconds
         devices.add(ev.device)
     n = max(len(devices), 1) * max(steps, 1)
     return {k: v / n for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
