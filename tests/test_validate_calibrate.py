@@ -261,3 +261,27 @@ def test_fit_profile_writes_the_size_curve_into_collective_scale():
         assert [p["factor"] for p in prof["collective_scale"][kind]["by_size"]] == pytest.approx([1.0] * 3)
     hw = presets.build(presets.HardwareProfile, prof, "test")
     assert hw.collective_scale["all-reduce"].by_size[-1].factor == pytest.approx(curve[-1]["factor"])
+
+
+def test_calibrate_table_lists_the_size_factors_per_kind():
+    from rich.console import Console
+
+    from moeplan.commands.validate import calibrate_tables
+
+    raw = raw_record()
+    raw["copy_in_place"] = [{"bytes_per_device": 2**22, "time_s": 1e-3, "bytes_per_s": 6e9}]
+    for p in raw["collectives"]:
+        if p["kind"] == "all-reduce" and p["buffer_bytes"] == 4 * 2**20:
+            p["time_s"] *= 3.0
+    prof = cal.fit_profile(raw, name="test cpu")
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    doc = {"profile": prof, "path": "p.yaml", "fits": prof["measured"]["links"]}
+    for part in calibrate_tables(doc):
+        console.print(part)
+    text = console.export_text()
+    assert "inplace_bandwidth" in text and "6.00 GB/s" in text
+    assert "Collective time by buffer size" in text and "4.00 MiB" in text
+    row = next(line for line in text.splitlines() if "all-reduce" in line and "x" in line and "MiB" not in line
+               and "alpha" not in line)
+    factor = prof["collective_scale"]["all-reduce"]["by_size"][-1]["factor"]
+    assert f"{factor:.2f}x" in row

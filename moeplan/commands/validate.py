@@ -422,11 +422,24 @@ def calibrate_tables(doc: dict):
         t.add_row(f"{link} latency", output.fmt_seconds(p[link]["latency"]))
     t.add_row("scale_up_size", str(p["scale_up_size"]))
     t.add_row("overlap", f"{p['overlap']:.2f}")
-    for kind, scale in (p.get("collective_scale") or {}).items():
-        curve = " ".join(f"{output.fmt_bytes(q['size'])}:{q['factor']:.2f}x" for q in scale.get("by_size", []))
-        t.add_row(f"{kind} vs link", f"alpha x{scale['latency']:.2f}, beta x{scale['bandwidth']:.2f}"
-                  + (f"; time by size {curve}" if curve else ""))
+    scales = p.get("collective_scale") or {}
+    for kind, scale in scales.items():
+        t.add_row(f"{kind} vs link", f"alpha x{scale['latency']:.2f}, beta x{scale['bandwidth']:.2f}")
     fits = "; ".join(f"{k}: rms relative residual {v['rms_rel_residual']:.2f} over {v['points']} points"
                      for k, v in doc["fits"].items())
     warn = [f"[yellow]warning: {output.esc(w)}[/]" for w in doc.get("warnings", [])]
-    return [t, f"[dim]{output.esc(p['source'])}[/]", f"[dim]alpha-beta fit {fits}[/]", *warn]
+    return [t, *_size_factor_table(scales), f"[dim]{output.esc(p['source'])}[/]",
+            f"[dim]alpha-beta fit {fits}[/]", *warn]
+
+
+def _size_factor_table(scales: dict) -> list:
+    """Each kind's measured time over its alpha-beta fit per buffer size (collective_scale.by_size)."""
+    sizes = sorted({q["size"] for s in scales.values() for q in s.get("by_size", [])})
+    if not sizes:
+        return []
+    t = output.new_table("Collective time by buffer size: measured / alpha-beta fit",
+                         [("kind", "left"), *(output.fmt_bytes(x) for x in sizes)])
+    for kind, scale in scales.items():
+        got = {q["size"]: q["factor"] for q in scale.get("by_size", [])}
+        t.add_row(kind, *(f"{got[x]:.2f}x" if x in got else "-" for x in sizes))
+    return [t]
