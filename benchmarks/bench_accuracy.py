@@ -186,7 +186,8 @@ def main() -> None:
     ap.add_argument("--routing", help="drive the router to this law (uniform, zipf:S, hist:FILE)")
     ap.add_argument("--rounds", type=int, default=1, help="time the meshes in N interleaved rounds")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also trace 3 steps per mesh and print the step time by cost term, pooled")
+                    help=f"also trace {term_times.TRACED_STEPS} steps per mesh and print the step time by "
+                    "cost term, pooled")
     ap.add_argument("-o", "--output", help="write every result as JSON here")
     args = ap.parse_args()
 
@@ -204,7 +205,8 @@ def main() -> None:
         meshes = prof.candidate_meshes(model, train, hw, args.devices)
         routing = bal.parse_routing(args.routing) if args.routing else None
         req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup,
-                                  routing=routing, rounds=args.rounds, breakdown=3 if args.breakdown else 0)
+                                  routing=routing, rounds=args.rounds,
+                                  breakdown=term_times.TRACED_STEPS if args.breakdown else 0)
         t0 = time.perf_counter()
         report = prof.run_profile(req)
         print(f"{name}: {len(meshes)} meshes in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)

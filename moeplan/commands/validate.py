@@ -151,6 +151,7 @@ def profile_cmd(
     from moeplan.specs import Mesh
     from moeplan.validate import devices as dev
     from moeplan.validate import profile as prof
+    from moeplan.validate.term_times import TRACED_STEPS
 
     model = presets.load_model(model_name)
     if spec is not None:
@@ -289,7 +290,6 @@ def _candidate_rows(r: dict, cand, comm) -> None:
 
 
 TRAJECTORY_POINTS = 6
-TRACED_STEPS = 3  # profile --breakdown: steps traced per candidate after timing
 
 
 def _routing_section(doc: dict) -> list:

@@ -127,15 +127,20 @@ def kind_scale(hw: HardwareProfile, kind: str) -> tuple[float, float]:
     return (1.0, 1.0) if scale is None else (scale.latency, scale.bandwidth)
 
 
-def size_factor(hw: HardwareProfile, kind: str, buffer_bytes: np.ndarray | float) -> np.ndarray | float:
-    """Measured time over the alpha-beta fit for `kind` at `buffer_bytes` (KindScale.by_size):
-    linear in log(size) between the calibrated points, held beyond them; 1 without a curve."""
+def size_curve(hw: HardwareProfile, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(log buffer sizes, factors) of `kind`'s KindScale.by_size, or None without one."""
     scale = (hw.collective_scale or {}).get(kind)
-    curve = None if scale is None else scale.by_size
-    if not curve:
+    if scale is None or not scale.by_size:
+        return None
+    return np.log([p.size for p in scale.by_size]), np.array([p.factor for p in scale.by_size])
+
+
+def size_factor(curve: tuple[np.ndarray, np.ndarray] | None, buffer_bytes: np.ndarray | float) -> np.ndarray | float:
+    """Measured time over the alpha-beta fit at `buffer_bytes` on a `size_curve`: linear in
+    log(size) between the calibrated points, held beyond them; 1 without a curve."""
+    if curve is None:
         return 1.0
-    xs = np.log([p.size for p in curve])
-    return np.interp(np.log(np.maximum(buffer_bytes, 1.0)), xs, [p.factor for p in curve])
+    return np.interp(np.log(np.maximum(buffer_bytes, 1.0)), *curve)
 
 
 def entry_key(c: Collective) -> str:
@@ -165,6 +170,7 @@ def comm_totals(
     links: dict[tuple[str, ...], tuple[np.ndarray, LinkChoice]] = {}
     devices = plans.data * plans.expert * plans.model
     factors: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    curves = {k: size_curve(hw, k) for k in KINDS}
     by_term = {t: np.zeros(n) for t in TERMS}
     by_entry: dict[str, np.ndarray] = {}
     by_kind = {k: np.zeros(n) for k in KINDS}
@@ -184,7 +190,9 @@ def comm_totals(
             factors[key] = (share, ring_steps(c.kind, size) * (link.latency * lat), share / (link.bandwidth * bw))
         share, alpha, beta = factors[key]
         moved = c.count * c.buffer_bytes
-        s = (c.count * alpha + moved * beta) * size_factor(hw, c.kind, c.buffer_bytes)
+        s = c.count * alpha + moved * beta
+        if curves[c.kind] is not None:
+            s = s * size_factor(curves[c.kind], c.buffer_bytes)
         by_term[c.term] += s
         by_kind[c.kind] += moved * share
         if per_entry:

@@ -56,10 +56,10 @@ def job_list(b: Bench) -> list[Job]:
     jobs: list[Job] = []
     for m, k, n in b.sweep.matmul_shapes:
         jobs.append(("matmul", f"matmul {m}x{k}x{n}", partial(matmul, b, m, k, n)))
-    for nbytes in b.sweep.copy_bytes:
-        jobs.append(("copy", f"copy {nbytes // cal.MIB} MiB", partial(copy, b, nbytes)))
-    for nbytes in b.sweep.copy_bytes:
-        jobs.append(("copy_in_place", f"in-place copy {nbytes // cal.MIB} MiB", partial(copy_in_place, b, nbytes)))
+    for section, in_place in (("copy", False), ("copy_in_place", True)):
+        for nbytes in b.sweep.copy_bytes:
+            label = f"{'in-place ' if in_place else ''}copy {nbytes // cal.MIB} MiB"
+            jobs.append((section, label, partial(copy, b, nbytes, in_place)))
     for link, groups in link_groups(b).items():
         for g in groups:
             for kind in cal.KINDS:
@@ -136,33 +136,26 @@ def matmul(b: Bench, m: int, k: int, n: int) -> dict:
     return {"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 2 * r * m * k * n / t}
 
 
-def copy(b: Bench, nbytes: int) -> dict:
-    """Per-device y = x + 1 over `nbytes`; rate = (read + write bytes) / time."""
+def copy(b: Bench, nbytes: int, in_place: bool = False) -> dict:
+    """Per-device y = x + 1 over `nbytes`; rate = (read + write bytes) / time.
+
+    `in_place`: x is donated, so its buffer takes the output, as the optimizer's update of
+    the donated training state does (no fresh output buffer, hence no first-touch faults).
+    """
     import jax
     from jax.sharding import PartitionSpec as P
 
     mesh, nd = flat_mesh(b), len(b.devices)
-    elems = nbytes // itemsize(b.dtype)
-    x = _random(mesh, P("d"), (nd * elems,), b.dtype, 2)
-    fn = jax.jit(jax.shard_map(lambda x: x + 1, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
-    t = _median_s(fn, (x,), b)
-    return {"bytes_per_device": nbytes, "time_s": t, "bytes_per_s": 2 * nbytes / t}
-
-
-def copy_in_place(b: Bench, nbytes: int) -> dict:
-    """Per-device x = x + 1 over `nbytes`, the input donated (its buffer takes the output, as
-    the optimizer's update of the donated training state does); rate = (read + write) / time."""
-    import jax
-    from jax.sharding import PartitionSpec as P
-
-    mesh, nd = flat_mesh(b), len(b.devices)
-    x = _random(mesh, P("d"), (nd * (nbytes // itemsize(b.dtype)),), b.dtype, 3)
-    fn = jax.jit(jax.shard_map(lambda x: x + 1, mesh=mesh, in_specs=P("d"), out_specs=P("d")), donate_argnums=0)
+    x = _random(mesh, P("d"), (nd * (nbytes // itemsize(b.dtype)),), b.dtype, 2)
+    fn = jax.jit(jax.shard_map(lambda x: x + 1, mesh=mesh, in_specs=P("d"), out_specs=P("d")),
+                 donate_argnums=0 if in_place else ())
     box = [x]
 
     def run():
-        box[0] = fn(box[0])
-        return box[0]
+        out = fn(box[0])
+        if in_place:
+            box[0] = out  # the donated input is gone: feed the output back
+        return out
 
     t = time_steps(run, steps=b.steps, warmup=b.warmup).median_s
     return {"bytes_per_device": nbytes, "time_s": t, "bytes_per_s": 2 * nbytes / t}

@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import gzip
 import json
-from bisect import bisect_left
 import re
 import tempfile
+from bisect import bisect_left
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
-COMM_TERMS = ("all_to_all", "model_axis", "data_axis")
+from moeplan.cost.collectives import TERMS as COMM_TERMS  # all_to_all, model_axis, data_axis
+
+TRACED_STEPS = 3  # steps `profile --breakdown` traces per candidate, after timing
 OTHER = "other"
 COLLECTIVE_OPS = ("all-reduce", "all-to-all", "all-gather", "reduce-scatter", "collective-permute")
 MATMUL_TERMS = ("attention_proj", "attention_scores", "dense_ffn", "router", "expert_ffn", "shared_experts",
