@@ -160,6 +160,8 @@ def profile_cmd(
         skew.check_routing(model, spec)
     if devices is None and mesh:
         devices = max(Mesh.parse(m).devices for m in mesh)
+    if mesh:
+        prof.check_device_counts(mesh, devices)  # before any backend starts: a typo costs one line
     ident = dev.identity(devices, processes, cluster)
     dtype = compute_dtype or ("float32" if ident["platform"] == "cpu" else "bfloat16")
     train = presets.load_train(

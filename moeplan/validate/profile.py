@@ -121,6 +121,16 @@ def resolve_hardware(
 
 
 
+def check_device_counts(meshes: list[str], devices: int) -> list[Mesh]:
+    """The --mesh options parsed, each checked to span exactly `devices` devices. Cheap and
+    jax-free, so a command can call it before any backend starts."""
+    out = [Mesh.parse(m) for m in meshes]
+    for m in out:
+        if m.devices != devices:
+            raise MoeplanError(f"mesh {m} has {m.devices} devices, not --devices {devices}")
+    return out
+
+
 def candidate_meshes(
     model: ModelSpec, train: TrainSpec, hw: HardwareProfile, devices: int,
     meshes: list[str] | None = None, top: int | None = None,
@@ -133,10 +143,8 @@ def candidate_meshes(
     from moeplan import search
 
     if meshes:
-        out = [Mesh.parse(m) for m in meshes]
+        out = check_device_counts(meshes, devices)
         for m in out:
-            if m.devices != devices:
-                raise MoeplanError(f"mesh {m} has {m.devices} devices, not --devices {devices}")
             problems = search.mesh_problems(model, train, m)
             if problems:
                 raise MoeplanError(f"mesh {m} cannot run {model.name}: {problems[0]}")
