@@ -114,6 +114,9 @@ def candidate_lines(model: str, report) -> list[str]:
             d = [layer["dropped_fraction"] for layer in c.routing["layers"]]
             drops = (f"  drops pred {d[0]['predicted']:.1%} meas "
                      + "/".join(f"{x['measured']:.1%}" for x in d))
+        faults = c.first_touch_bytes
+        if faults:
+            drops += f"  faulted MiB pred {faults['predicted'] / 2**20:5.1f} meas {faults['measured'] / 2**20:5.1f}"
         lines.append(
             f"  {model:10s} {c.mesh:24s} pred {row['step_time_s'] * 1e3:8.2f} ms "
             f"(compute {b['compute'] * 1e3:7.2f}, comm {comm * 1e3:7.2f})  meas {m.step_time_s * 1e3:8.2f} ms "

@@ -213,6 +213,32 @@ class KindScale(_Spec):
         return self
 
 
+class HostMemory(_Spec):
+    """How a host (CPU) runtime's memory behaves, where it differs from a device's HBM.
+
+    Why: XLA's CPU runtime allocates each execution's scratch (one block, memory_analysis's
+    temp_size) with the C library's malloc, and glibc serves requests at or above its mmap
+    threshold with fresh pages from the kernel, which fault on first touch every step
+    (measured on 8 simulated devices: page faults per step equal to the scratch block when it
+    is over 32 MiB, none below). Accelerators keep a pooled allocator: no such cost there,
+    and vendor presets leave this unset.
+    """
+
+    first_touch_bandwidth: PositiveFloat = Field(
+        description="Bytes/s per device at which freshly mapped pages are first touched (fault "
+        "and zeroing), measured by `moeplan calibrate` from the fresh and in-place copies.")
+    map_threshold_bytes: PositiveFloat = Field(
+        32 * 2**20,
+        description="A scratch block at least this large is mapped afresh every step. Default: "
+        "glibc's largest dynamic mmap threshold, DEFAULT_MMAP_THRESHOLD_MAX = 4 MiB * "
+        "sizeof(long) = 32 MiB on 64-bit hosts (glibc malloc/malloc.c; mallopt(3), M_MMAP_THRESHOLD).")
+    all_reduce_out_of_place: bool = Field(
+        True,
+        description="The runtime's all-reduce writes a new buffer rather than its operand's, so "
+        "the gradient all-reduce needs its output beside the gradients (measured by `moeplan "
+        "calibrate` from the scratch XLA plans for one all-reduce).")
+
+
 class HardwareProfile(_Spec):
     """One accelerator and its interconnect, as the cost model needs them."""
 
@@ -247,6 +273,11 @@ class HardwareProfile(_Spec):
         description="Per collective kind, its own alpha-beta fit relative to the link's joint fit, "
         "measured by `moeplan calibrate` (on 8 CPU devices an all-to-all reaches ~0.4 of the "
         "joint bandwidth). Kinds not listed use the link as it is.",
+    )
+    host_memory: HostMemory | None = Field(
+        None,
+        description="Simulated CPU devices only: the allocator's first-touch page faults on "
+        "large scratch blocks (see HostMemory). Measured by `moeplan calibrate`; None: none.",
     )
     source: str = Field("", description="Where these numbers come from.")
     measured: dict | None = Field(None, description="Calibration record, for measured profiles.")

@@ -95,3 +95,44 @@ def test_memory_is_vectorised_over_plans():
         alone = memory_per_device(TINY, train, many.take(np.array([i])))
         for k in out:
             assert out[k][i] == pytest.approx(alone[k][0], rel=1e-12)
+
+
+# the MoE model of test_moe_buffers_and_expert_weights: 568 non-expert params and 2 * 2 * 8 * 8
+# = 256 params per expert pair; on expert=1 all 4 experts are local (512 params)
+MOE1 = ModelSpec(d_model=8, layers=1, heads=2, vocab=16, ffn_hidden=16, gated=False,
+                 moe=MoESpec(num_experts=4, top_k=2, expert_hidden=8, capacity_factor=1.0))
+
+
+def mem_cpu(mesh: Mesh, **train_kw) -> dict[str, float]:
+    """Memory with an out-of-place all-reduce (CPU runtime)."""
+    train = TrainSpec(**({"seq_len": 4, "global_batch": 16} | train_kw))
+    out = memory_per_device(MOE1, train, Plans.single(mesh, train), reduce_out_of_place=True)
+    return {k: float(v[0]) for k, v in out.items()}
+
+
+def test_reduce_buffer_is_zero_unless_the_all_reduce_is_out_of_place():
+    assert mem(MOE1, Mesh(data=8), global_batch=16)["reduce_buffer"] == 0
+
+
+def test_reduce_buffer_holds_the_combined_gradient_all_reduce_output_beyond_the_freed_activations():
+    # data=8, expert=1: one combined all-reduce over (568 + 512) params * 4 B = 4320 B; what it
+    # may reuse is the activations + MoE buffers + logits, all freed by then
+    m = mem_cpu(Mesh(data=8))
+    freed = m["activations"] + m["moe_buffers"] + m["logits"]
+    assert 0 < freed < 4320
+    assert m["reduce_buffer"] == pytest.approx(4320 - freed)
+    assert m["gradients"] == 4320  # the buffer equals the gradients it reduces
+
+
+def test_reduce_buffer_takes_the_larger_of_two_ops_on_different_groups():
+    # data=2, expert=2: non-expert grads (568 params) over (data, expert), the 2 local experts'
+    # (256 params) over data: two ops, the larger 568 * 4 = 2272 B
+    m = mem_cpu(Mesh(data=2, expert=2), global_batch=4)  # 4 tokens per device
+    freed = m["activations"] + m["moe_buffers"] + m["logits"]
+    assert m["reduce_buffer"] == pytest.approx(max(2272 - freed, 0.0))
+    assert m["reduce_buffer"] > 0
+
+
+def test_no_reduce_buffer_without_a_gradient_all_reduce():
+    assert mem_cpu(Mesh(model=2))["reduce_buffer"] == 0  # no data or expert axis: nothing to reduce
+    assert mem_cpu(Mesh(data=8), fsdp=True)["reduce_buffer"] == 0  # FSDP reduce-scatters instead

@@ -206,6 +206,9 @@ def test_copy_rates_far_apart_warn_of_a_cliff():
     assert "2.00x" in line and "4 MiB: 4.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
     # 3e9 against 2e9 is 1.5x apart: within CLIFF_SPREAD
     assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")["measured"]) == []
+    # a slow size that page-faulted its output is explained (and priced by host_memory)
+    raw["copy"][1]["fault_bytes"] = float(raw["copy"][1]["bytes_per_device"])
+    assert cal.calibration_warnings(cal.fit_profile(raw, name="test cpu")["measured"]) == []
 
 
 def test_collective_scale_is_each_kinds_own_fit_over_the_joint_one():
@@ -285,3 +288,62 @@ def test_calibrate_table_lists_the_size_factors_per_kind():
                and "alpha" not in line)
     factor = prof["collective_scale"]["all-reduce"]["by_size"][-1]["factor"]
     assert f"{factor:.2f}x" in row
+
+
+MIB = 2**20
+
+
+def copies_with_faults():
+    """Fresh copies: 8 MiB recycled (no faults), 32 and 64 MiB paged in afresh (their whole
+    output faulted); in-place copies fault nothing. Fresh 32 MiB takes 0.1 s more than in
+    place for 32 MiB faulted (rate 32 MiB / 0.1 s), 64 MiB 0.2 s more for 64 MiB."""
+    fresh = [{"bytes_per_device": 8 * MIB, "time_s": 0.008, "bytes_per_s": 16 * MIB / 0.008, "fault_bytes": 0.0},
+             {"bytes_per_device": 32 * MIB, "time_s": 0.11, "bytes_per_s": 64 * MIB / 0.11, "fault_bytes": 32.0 * MIB},
+             {"bytes_per_device": 64 * MIB, "time_s": 0.22, "bytes_per_s": 128 * MIB / 0.22, "fault_bytes": 64.0 * MIB}]
+    donated = [{"bytes_per_device": n * MIB, "time_s": t, "bytes_per_s": 2 * n * MIB / t, "fault_bytes": 0.0}
+               for n, t in ((8, 0.004), (32, 0.01), (64, 0.02))]
+    return fresh, donated
+
+
+def test_first_touch_bandwidth_is_extra_faulted_bytes_over_extra_time():
+    fresh, donated = copies_with_faults()
+    assert cal.first_touch_bandwidth(fresh, donated) == pytest.approx(32 * MIB / 0.1)
+    # without fault counts (or with no size faulted) there is nothing to price
+    assert cal.first_touch_bandwidth([{**p, "fault_bytes": None} for p in fresh], donated) is None
+    assert cal.first_touch_bandwidth(fresh[:1], donated) is None
+
+
+def test_stream_bandwidth_leaves_out_the_faulted_sizes_only_when_faults_are_priced():
+    fresh, _ = copies_with_faults()
+    assert cal.stream_bandwidth(fresh, 3e8) == pytest.approx(16 * MIB / 0.008)  # the 8 MiB copy alone
+    assert cal.stream_bandwidth(fresh, None) == pytest.approx(cal.copy_bandwidth(fresh))
+
+
+def test_without_faults_takes_the_paged_time_out_of_each_collective():
+    pts = [{"kind": "all-reduce", "time_s": 0.3, "fault_bytes": 1e8},
+           {"kind": "all-reduce", "time_s": 0.01, "fault_bytes": 0.0},
+           {"kind": "all-reduce", "time_s": 0.01, "fault_bytes": 1e9}]
+    got = cal.without_faults(pts, 1e9)
+    assert got[0]["time_s"] == pytest.approx(0.2)
+    assert got[1]["time_s"] == 0.01
+    assert got[2]["time_s"] == pytest.approx(cal.MIN_LEFT * 0.01)  # noise never makes it negative
+    assert pts[0]["time_s"] == 0.3  # the raw record is kept as measured
+    assert cal.without_faults(pts, None) is pts
+
+
+def test_fit_profile_prices_first_touch_on_cpu_devices_only():
+    raw = raw_record()
+    raw["copy"], raw["copy_in_place"] = copies_with_faults()
+    raw["reduce_scratch"] = {"buffer_bytes": 8 * MIB, "temp_bytes": 16.0 * MIB}
+    prof = cal.fit_profile(raw, name="test cpu")
+    host = prof["host_memory"]
+    assert host["first_touch_bandwidth"] == pytest.approx(32 * MIB / 0.1)
+    assert host["map_threshold_bytes"] == 32 * MIB
+    assert host["all_reduce_out_of_place"] is True
+    assert prof["hbm_bandwidth"] == pytest.approx(16 * MIB / 0.008)
+    hw = presets.build(presets.HardwareProfile, prof, "test")
+    assert hw.host_memory.first_touch_bandwidth == pytest.approx(32 * MIB / 0.1)
+    raw["reduce_scratch"] = {"buffer_bytes": 8 * MIB, "temp_bytes": 8.0 * MIB}  # reduced in place
+    assert cal.fit_profile(raw, name="test cpu")["host_memory"]["all_reduce_out_of_place"] is False
+    raw["device"] = {**raw["device"], "platform": "gpu"}
+    assert "host_memory" not in cal.fit_profile(raw, name="test gpu")

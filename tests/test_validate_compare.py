@@ -24,6 +24,19 @@ def test_ratios_of_one_candidate():
     assert c.memory_ratio == pytest.approx(1.1)
 
 
+def test_first_touch_bytes_need_both_sides():
+    from dataclasses import replace
+
+    counted = Measured.from_record({**meas(1.0).record(), "first_touch_bytes_per_device": 3e7})
+    with_pred = replace(pred(1.0), first_touch_bytes_per_device=4e7)
+    c = Comparison("data=8", with_pred, measured=counted)
+    assert c.first_touch_bytes == {"predicted": 4e7, "measured": 3e7}
+    assert c.record()["comparison"]["first_touch_bytes"] == {"predicted": 4e7, "measured": 3e7}
+    assert Comparison("data=8", pred(1.0), measured=counted).first_touch_bytes is None  # not priced
+    assert Comparison("data=8", with_pred, measured=meas(1.0)).first_touch_bytes is None  # not counted
+    assert "first_touch_bytes" not in Comparison("m", pred(1.0), measured=meas(1.0)).record()["comparison"]
+
+
 def test_comm_match_is_exact_up_to_float_rounding():
     # a group of 3 sends 2/3 of the buffer: float rounding must not count as a mismatch
     wire = 3072 * (2 / 3)

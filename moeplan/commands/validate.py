@@ -418,6 +418,12 @@ def calibrate_tables(doc: dict):
     t.add_row("hbm_bandwidth (per device)", output.fmt_rate(p["hbm_bandwidth"], "B"))
     if p.get("inplace_bandwidth"):
         t.add_row("inplace_bandwidth (per device)", output.fmt_rate(p["inplace_bandwidth"], "B"))
+    host = p.get("host_memory")
+    if host:
+        t.add_row("first-touch page faults (per device)",
+                  f"{output.fmt_rate(host['first_touch_bandwidth'], 'B')} on scratch >= "
+                  f"{output.fmt_bytes(host['map_threshold_bytes'])}")
+        t.add_row("all-reduce output", "out of place" if host.get("all_reduce_out_of_place", True) else "in place")
     t.add_row("hbm_bytes (per device)", output.fmt_bytes(p["hbm_bytes"]))
     for link in ("scale_up", "scale_out"):
         t.add_row(f"{link} bandwidth", output.fmt_rate(p[link]["bandwidth"], "B"))

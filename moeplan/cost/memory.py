@@ -18,6 +18,14 @@ Terms (per device; T tokens per microbatch, letters as in compute.py):
   moe_buffers  dispatched tokens [E*C, M] and returned expert outputs [E*C, M] plus the
                expert hidden f x [E*C, H_e/m], per MoE block kept under the remat policy
   logits       [T, V] in float32
+  reduce_buffer  (runtimes whose all-reduce is out of place: HostMemory.all_reduce_out_of_place)
+               the gradient all-reduce's output beside the gradients it reduces, beyond what
+               the activations (freed by then) leave: max(0, output - activations). XLA
+               combines all-reduces over the same devices into one op, so with expert = 1 the
+               non-expert and expert gradients go in one (measured on 8 CPU devices:
+               memory_analysis temp = 2 x gradients at data = 8). Accelerators reduce in place
+               or fit the output in freed memory (TPU AOT, data = 8: peak = this model without
+               it), so it is 0 there.
 
 Per-layer activations adapt Korthikanti et al. (arXiv 2205.05198, sec. 4.1, which gives
 sbh(34 + 5as/h) bytes with dropout and fp16) to this layout, with no dropout and no flash
@@ -56,8 +64,9 @@ SOFTMAX_BYTES = 4  # attention and router softmaxes run in float32 in the JAX st
 
 MEMORY_TERMS: tuple[str, ...] = (
     "weights", "gradients", "grad_accumulator", "optimizer", "fsdp_buffers", "activations", "moe_buffers",
-    "logits",
+    "logits", "reduce_buffer",
 )
+STATE_TERMS = ("weights", "optimizer")  # the donated training state: the step's arguments, not scratch
 
 
 def sharded_params(model: ModelSpec, plans: Plans) -> np.ndarray:
@@ -127,13 +136,38 @@ def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nda
     return kept_share * kept + full * full_act, kept_share * kept_moe + full * full_moe
 
 
-def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[str, np.ndarray]:
-    """Peak bytes per device, term by term (MEMORY_TERMS); their sum is the total."""
+def reduce_output_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.ndarray:
+    """Bytes of the largest gradient all-reduce op's output (0 with FSDP, which reduce-scatters).
+
+    Non-expert gradients reduce over (data, expert), expert gradients over data; the two are
+    one combined op when they span the same devices (expert = 1), else two ops.
+    """
+    p = params_per_device(model, plans)
+    pb = bytes_of(train.param_dtype)
+    non_expert = p.non_expert * pb * (plans.data * plans.expert > 1)
+    expert = p.expert * pb * (plans.data > 1)
+    one_group = (plans.expert == 1).astype(np.float64)
+    largest = one_group * (non_expert + expert) + (1.0 - one_group) * np.maximum(non_expert, expert)
+    return largest * (1.0 - plans.fsdp.astype(np.float64))
+
+
+def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans,
+                      reduce_out_of_place: bool = False) -> dict[str, np.ndarray]:
+    """Peak bytes per device, term by term (MEMORY_TERMS); their sum is the total.
+
+    `reduce_out_of_place`: the runtime's all-reduce writes a fresh output (CPU devices, see
+    HostMemory), which adds the reduce_buffer term.
+    """
     params = sharded_params(model, plans)
     pb = bytes_of(train.param_dtype)
     t = tokens_per_microbatch(train, plans)
     activations, moe_buffers = activation_bytes(model, train, plans, t)
     gathered = block_params(model, plans) * bytes_of(train.compute_dtype)
+    logits = t * (model.vocab * 4.0)
+    reduce_buffer = np.zeros(len(plans))
+    if reduce_out_of_place:
+        freed = activations + moe_buffers + logits
+        reduce_buffer = np.maximum(reduce_output_bytes(model, train, plans) - freed, 0.0)
     return {
         "weights": params * pb,
         "gradients": params * pb,
@@ -142,5 +176,11 @@ def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans) -> dict[
         "fsdp_buffers": plans.fsdp * gathered,
         "activations": activations,
         "moe_buffers": moe_buffers,
-        "logits": t * (model.vocab * 4.0),
+        "logits": logits,
+        "reduce_buffer": reduce_buffer,
     }
+
+
+def scratch_bytes(memory: dict[str, np.ndarray]) -> np.ndarray:
+    """The step's scratch per device (XLA's temp_size): every term but the donated state."""
+    return sum(v for k, v in memory.items() if k not in STATE_TERMS)

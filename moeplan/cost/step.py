@@ -9,6 +9,9 @@ alpha-beta collective times, collectives.py) overlap partly. Perfect overlap giv
 lower = max(compute, comm); none gives upper = compute + comm; the point estimate is
 upper - overlap * (upper - lower) with the profile's overlap fraction (the lower/upper
 bracket follows the scaling-book, "How to Scale Your Model", ch. 1).
+On profiles with `host_memory` (CPU runtimes) compute also holds `first_touch`, the page
+faults of a scratch block mapped afresh every step (first_touch.py), which is why memory is
+estimated before compute here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from moeplan.cost import collectives, compute, memory, traffic
+from moeplan.cost import collectives, compute, first_touch, memory, traffic
 from moeplan.cost.layout import REMAT_CODES, Plans, activated_params, total_params
 from moeplan.specs import HardwareProfile, ModelSpec, TrainSpec
 
@@ -76,6 +79,8 @@ class Estimates:
     collective_detail_s: dict[str, np.ndarray] = field(default_factory=dict)  # per traffic entry
     dropped_fraction: np.ndarray = field(default_factory=lambda: np.zeros(0))
     expert_compute_factor: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # bytes per device paged in afresh every step (CPU runtimes: cost/first_touch.py), 0 elsewhere
+    first_touch_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     # (model, train, hw) the estimate came from: lets row(i) fill in skipped detail dicts
     inputs: tuple | None = field(default=None, repr=False)
 
@@ -128,7 +133,13 @@ class Estimates:
             "train_days": f(self.train_days),
             "train_tokens": float(self.train_tokens),
             "dropped_fraction": f(self.dropped_fraction),
+            **({"first_touch_bytes_per_device": f(self.first_touch_bytes)} if self._host_memory else {}),
         }
+
+    @property
+    def _host_memory(self) -> bool:
+        """Whether the hardware prices first-touch page faults (a CPU runtime's profile)."""
+        return self.inputs is not None and self.inputs[2].host_memory is not None
 
 
 def overlap_bounds(compute_s: np.ndarray, comm_s: np.ndarray, overlap: float):
@@ -229,10 +240,20 @@ def _estimate_block(
 ) -> Estimates:
     """`estimate` for one block of plans (routing arrays are filled in by the caller)."""
     plans = _float_sizes(plans_in)
+    host = hw.host_memory
+    mem = memory.memory_per_device(model, train, plans, reduce_out_of_place=bool(host and host.all_reduce_out_of_place))
+    mem_total = sum(mem.values())
     work = compute.op_work(model, train, plans, expert_factor=factor)
     compute_detail = {k: compute.roofline_s(w, hw) for k, w in work.items()}
+    flops_detail = {k: w.flops for k, w in work.items()}
+    bytes_detail = {k: w.bytes for k, w in work.items()}
+    faulted = np.zeros(len(plans))
+    if host is not None:  # simulated CPU devices: page faults on a large scratch block
+        faulted = first_touch.faulted_bytes(memory.scratch_bytes(mem), host)
+        compute_detail["first_touch"] = faulted / host.first_touch_bandwidth
+        flops_detail["first_touch"] = np.zeros(len(plans))
     compute_s = sum(compute_detail.values())
-    flops = sum(w.flops for w in work.values())
+    flops = sum(flops_detail.values())
 
     colls = traffic.step_collectives(model, train, plans)
     comm = collectives.comm_totals(colls, plans, hw, per_entry=detail)
@@ -240,8 +261,6 @@ def _estimate_block(
     comm_s = terms["all_to_all"] + terms["model_axis"] + terms["data_axis"]
     lower, upper, point = overlap_bounds(compute_s, comm_s, hw.overlap)
 
-    mem = memory.memory_per_device(model, train, plans)
-    mem_total = sum(mem.values())
 
     devices = plans.data * plans.expert * plans.model
     tokens = train.tokens_per_step
@@ -263,7 +282,7 @@ def _estimate_block(
         mfu=totals.flops_per_token * tokens / (point * hw.peak_flops * devices),
         tokens_per_s=tokens_per_s,
         compute_detail_s=keep(compute_detail),
-        flops_detail=keep({k: w.flops for k, w in work.items()}),
+        flops_detail=keep(flops_detail),
         memory_detail=keep(mem),
         train_days=totals.train_tokens / tokens_per_s / SECONDS_PER_DAY,
         train_tokens=totals.train_tokens,
@@ -272,8 +291,9 @@ def _estimate_block(
         total_params=totals.total_params,
         num_experts=model.moe.num_experts if model.moe is not None else 0,
         tokens_per_step=tokens,
-        bytes_detail=keep({k: w.bytes for k, w in work.items()}),
+        bytes_detail=keep(bytes_detail),
         collective_detail_s=keep(comm.seconds_by_entry),
+        first_touch_bytes=faulted,
     )
 
 

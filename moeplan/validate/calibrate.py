@@ -188,6 +188,86 @@ def copy_bandwidth(points: list[dict]) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
+FAULTED_SHARE = 0.5
+"""A copy that page-faulted at least this share of its output was served fresh pages (over
+the allocator's map threshold); one below it reused recycled memory."""
+
+
+def faulted(point: dict) -> bool:
+    """Whether a copy point's output came as fresh pages (see FAULTED_SHARE)."""
+    return (point.get("fault_bytes") or 0.0) >= FAULTED_SHARE * point["bytes_per_device"]
+
+
+def first_touch_bandwidth(copies: list[dict], in_place: list[dict]) -> float | None:
+    """Bytes/s per device of first-touching fresh pages (HostMemory.first_touch_bandwidth).
+
+    For each buffer size whose fresh copy faulted its output (`faulted`), the extra bytes it
+    faulted over the in-place copy of the same size, divided by the extra time it took; the
+    median over those sizes. None where no size faulted or the fresh copy was not slower
+    (accelerators, or a host allocator that recycles large buffers).
+    """
+    donated = {p["bytes_per_device"]: p for p in in_place}
+    rates = []
+    for p in copies:
+        q = donated.get(p["bytes_per_device"])
+        if q is None or not faulted(p):
+            continue
+        extra_bytes = p["fault_bytes"] - (q.get("fault_bytes") or 0.0)
+        extra_s = p["time_s"] - q["time_s"]
+        if extra_bytes > 0 and extra_s > 0:
+            rates.append(extra_bytes / extra_s)
+    return float(np.median(rates)) if rates else None
+
+
+def stream_bandwidth(copies: list[dict], first_touch: float | None) -> float:
+    """hbm_bandwidth: the harmonic mean of the copy rates, over the sizes that did not fault
+    when first touch is priced on its own (their faults are then HostMemory's term, and a
+    step's kernels write into recycled scratch like these copies); over all sizes otherwise."""
+    kept = [p for p in copies if not faulted(p)] if first_touch else []
+    return copy_bandwidth(kept or copies)
+
+
+MIN_LEFT = 0.1
+"""Floor of a collective's time after its faults are taken out, as a share of the measured
+time (noise can make the estimated fault time exceed the measurement)."""
+
+
+def without_faults(points: list[dict], first_touch: float | None) -> list[dict]:
+    """Collective points with the time of the pages they faulted taken out.
+
+    Why: a 32 MiB collective's output is fresh pages on CPU devices, and that cost belongs
+    to the step's scratch block (cost/first_touch.py), which holds its collectives' outputs;
+    left in the fits it would be paid twice.
+    """
+    if not first_touch:
+        return points
+    out = []
+    for p in points:
+        paged = (p.get("fault_bytes") or 0.0) / first_touch
+        out.append({**p, "time_s": max(p["time_s"] - paged, MIN_LEFT * p["time_s"])})
+    return out
+
+
+def host_memory(raw: dict, in_place: list[dict]) -> dict | None:
+    """HardwareProfile.host_memory from the copies and the all-reduce scratch probe: CPU
+    devices whose fresh copies paid page faults; None for accelerators."""
+    if raw["device"]["platform"] != "cpu":
+        return None
+    rate = first_touch_bandwidth(raw["copy"], in_place)
+    if rate is None:
+        return None
+    probe = raw.get("reduce_scratch") or {}
+    out = {"first_touch_bandwidth": rate, "map_threshold_bytes": float(MAP_THRESHOLD)}
+    if probe.get("buffer_bytes"):
+        out["all_reduce_out_of_place"] = bool(probe["temp_bytes"] >= 1.5 * probe["buffer_bytes"])
+    return out
+
+
+MAP_THRESHOLD = 32 * MIB
+"""glibc's largest dynamic mmap threshold on 64-bit hosts (DEFAULT_MMAP_THRESHOLD_MAX, 4 MiB *
+sizeof(long); mallopt(3)): requests this large always get fresh pages."""
+
+
 def collective_scale(joint: LinkFit, per_kind: dict[str, dict],
                      by_size: dict[str, list[dict]] | None = None) -> dict[str, dict]:
     """Each kind's own alpha and beta over the joint fit's, for HardwareProfile.collective_scale,
@@ -241,26 +321,29 @@ def size_factors(points: list[dict], per_kind: dict[str, dict]) -> dict[str, lis
 def fit_profile(raw: dict, *, name: str) -> dict:
     """The HardwareProfile fields (a plain dict) from the raw measurements of `calibrate_task`."""
     dev = raw["device"]
+    in_place = raw.get("copy_in_place") or []
+    host = host_memory(raw, in_place)
+    first_touch = host["first_touch_bandwidth"] if host else None
+    collectives = without_faults(raw["collectives"], first_touch)
     links = {}
     for link in ("scale_up", "scale_out"):
-        pts = [p for p in raw["collectives"] if p["link"] == link]
+        pts = [p for p in collectives if p["link"] == link]
         if pts:
             links[link] = fit_link(pts)
     if "scale_up" not in links:
         raise MoeplanError("calibration needs at least 2 devices to measure collectives")
     out_link = links.get("scale_out", links["scale_up"])
     per_kind = {k: fit_link(pts).record() for k in KINDS
-                if len(pts := [p for p in raw["collectives"] if p["kind"] == k and p["link"] == "scale_up"]) >= 2}
+                if len(pts := [p for p in collectives if p["kind"] == k and p["link"] == "scale_up"]) >= 2}
     ov = raw["overlap"]
-    scale = collective_scale(links["scale_up"], per_kind, size_factors(raw["collectives"], per_kind))
-    in_place = raw.get("copy_in_place") or []
+    scale = collective_scale(links["scale_up"], per_kind, size_factors(collectives, per_kind))
     return {
         "name": name,
         "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
         "matmul_efficiency": 1.0,
         "matmul_curve": matmul_curve(raw["matmul"]),
         "hbm_bytes": float(dev["memory_bytes"]),
-        "hbm_bandwidth": copy_bandwidth(raw["copy"]),
+        "hbm_bandwidth": stream_bandwidth(raw["copy"], first_touch),
         "memory_efficiency": 1.0,
         **({"inplace_bandwidth": copy_bandwidth(in_place)} if in_place else {}),
         "scale_up": {"bandwidth": links["scale_up"].bandwidth, "latency": links["scale_up"].latency},
@@ -269,6 +352,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "topology": "switch",
         "overlap": overlap_fraction(ov["matmul_s"], ov["all_reduce_s"], ov["both_s"]),
         **({"collective_scale": scale} if scale else {}),
+        **({"host_memory": host} if host else {}),
         "source": (
             f"measured by `moeplan calibrate` on {dev['count']} {dev['platform']} devices "
             f"({dev['kind']}) in {dev['processes']} process(es), jax {dev['jax']}, {raw['date']}; "
@@ -287,6 +371,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
             "copy_in_place": in_place,
             "collectives": raw["collectives"],
             "overlap": ov,
+            "reduce_scratch": raw.get("reduce_scratch"),
         },
     }
 
@@ -297,13 +382,14 @@ straddle a cliff of the host's memory system. On CPU devices that cliff is the a
 glibc serves buffers under its 32 MiB mmap-threshold ceiling from a recycled heap but maps
 larger ones afresh, so each call pays first-touch page faults (measured on one host: 1.7-2.9
 GB/s at 4-16 MiB against 0.9-1.2 GB/s at 32-64 MiB, while an in-place (donated) copy streams
-4-5 GB/s at every size; docs/validation.md)."""
+4-5 GB/s at every size; docs/validation.md). Where the copies' page faults were counted, the
+sizes that faulted are priced by host_memory instead and left out of the spread."""
 
 
 def calibration_warnings(measured: dict | None) -> list[str]:
     """What a user should know before trusting a profile's memory-bound predictions, from its
     calibration record (`measured`; None for vendor presets: nothing to say)."""
-    copies = (measured or {}).get("copy", [])
+    copies = [p for p in (measured or {}).get("copy", []) if not faulted(p)]
     rates = [p["bytes_per_s"] for p in copies]
     if len(rates) < 2 or min(rates) <= 0:
         return []
@@ -312,8 +398,8 @@ def calibration_warnings(measured: dict | None) -> list[str]:
         return []
     sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {p['bytes_per_s'] / 1e9:.2f} GB/s" for p in copies)
     return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): this host's memory "
-            "system has a cliff between them (on CPU, the allocator's mmap threshold); hbm_bandwidth is "
-            "their harmonic mean, so memory-bound step times depend on which side a step's buffers fall"]
+            "system has a cliff between them that page faults do not explain; hbm_bandwidth is their "
+            "harmonic mean, so memory-bound step times depend on which side a step's buffers fall"]
 
 
 # ---- writing the profile ------------------------------------------------------------------
@@ -407,8 +493,8 @@ def calibrate_task(payload: dict, devices: list, emit: Callable[[dict], None]) -
     for i, (section, label, job) in enumerate(jobs):
         emit({"event": "progress", "done": i, "label": label})
         result = job()
-        if section == "overlap":
-            raw["overlap"] = result
+        if section in ("overlap", "reduce_scratch"):
+            raw[section] = result
         else:
             raw[section].append(result)
     raw["device"] = mb.describe(devices)

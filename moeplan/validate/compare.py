@@ -33,6 +33,7 @@ class Predicted:
     flops_per_device: float
     memory_bytes_per_device: float
     hbm_bytes_per_device: float | None = None  # memory traffic of the compute roofline
+    first_touch_bytes_per_device: float | None = None  # scratch paged in afresh (CPU runtimes)
 
     @classmethod
     def from_estimates(cls, est: Any, i: int) -> Predicted:
@@ -44,6 +45,7 @@ class Predicted:
             flops_per_device=float(est.flops_per_device[i]),
             memory_bytes_per_device=float(est.memory_bytes_per_device[i]),
             hbm_bytes_per_device=float(sum(v[i] for v in traffic.values())) if traffic else None,
+            first_touch_bytes_per_device=float(est.first_touch_bytes[i]) if getattr(est, "_host_memory", False) else None,
         )
 
 
@@ -124,6 +126,14 @@ class Comparison:
             return None
         return ratio(self.predicted.memory_bytes_per_device, self.measured.memory_bytes_per_device)
 
+    @property
+    def first_touch_bytes(self) -> dict | None:
+        """Bytes per device paged in afresh per step, predicted and counted (CPU devices)."""
+        if not self.ok or self.predicted.first_touch_bytes_per_device is None:
+            return None
+        got = self.measured.extra.get("first_touch_bytes_per_device")
+        return None if got is None else {"predicted": self.predicted.first_touch_bytes_per_device, "measured": got}
+
     def comm_match(self) -> dict[str, bool]:
         """Per collective kind: do predicted and compiled bytes agree? (kinds either side has)."""
         if not self.ok:
@@ -147,6 +157,7 @@ class Comparison:
                 "flops_ratio": self.flops_ratio,
                 "memory_ratio": self.memory_ratio,
                 "hbm_bytes_ratio": self.hbm_bytes_ratio,
+                **({"first_touch_bytes": self.first_touch_bytes} if self.first_touch_bytes else {}),
                 "comm_bytes_predicted": {k: self.predicted.comm_bytes.get(k, 0.0) for k in self.comm_match()},
                 "comm_bytes_match": self.comm_match(),
             } if self.ok else None,

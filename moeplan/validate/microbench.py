@@ -67,6 +67,7 @@ def job_list(b: Bench) -> list[Job]:
                     label = f"{kind} {link} n={g} {nbytes // 1024} KiB"
                     jobs.append(("collectives", label, partial(collective, b, kind, g, link, nbytes)))
     jobs.append(("overlap", "overlap", partial(overlap, b)))
+    jobs.append(("reduce_scratch", "all-reduce scratch", partial(reduce_scratch, b)))
     return jobs
 
 
@@ -116,6 +117,21 @@ def _median_s(fn: Callable, args: tuple, b: Bench) -> float:
     return time_steps(lambda: fn(*args), steps=b.steps, warmup=b.warmup).median_s
 
 
+def _timed(run: Callable[[], Any], b: Bench) -> tuple[float, float | None]:
+    """(median seconds, bytes page-faulted per call per device) over the timed calls, warm-up
+    excluded: the faults price first touch (calibrate.first_touch_bandwidth) and are taken
+    out of the collectives' times (calibrate.without_faults)."""
+    from moeplan.validate import page_faults
+    from moeplan.validate.timing import block
+
+    for _ in range(b.warmup):
+        block(run())
+    before = page_faults.minor_faults()
+    t = time_steps(run, steps=b.steps, warmup=0).median_s
+    local = sum(1 for d in b.devices if d.process_index == b.devices[0].process_index)
+    return t, page_faults.per_call_bytes(before, page_faults.minor_faults(), b.steps, local)
+
+
 def itemsize(dtype: str) -> int:
     return int(np.dtype(dtype).itemsize) if dtype != "bfloat16" else 2
 
@@ -157,8 +173,8 @@ def copy(b: Bench, nbytes: int, in_place: bool = False) -> dict:
             box[0] = out  # the donated input is gone: feed the output back
         return out
 
-    t = time_steps(run, steps=b.steps, warmup=b.warmup).median_s
-    return {"bytes_per_device": nbytes, "time_s": t, "bytes_per_s": 2 * nbytes / t}
+    t, faulted = _timed(run, b)
+    return {"bytes_per_device": nbytes, "time_s": t, "bytes_per_s": 2 * nbytes / t, "fault_bytes": faulted}
 
 
 def _chain(kind: str, repeat: int, x):
@@ -203,11 +219,29 @@ def collective(b: Bench, kind: str, group: int, link: str, nbytes: int) -> dict:
     body = partial(_chain, kind, b.sweep.repeat if nbytes < b.sweep.repeat_below else 1)
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(("rest", "g")), out_specs=P(("rest", "g")),
                                check_vma=False))
-    ops = hlo_count(fn.lower(x).compile().as_text(), kind)
-    t = _median_s(fn, (x,), b)
-    point = cal.collective_point(kind, group, link, elems * itemsize(b.dtype), t / max(ops, 1))
+    ops = max(hlo_count(fn.lower(x).compile().as_text(), kind), 1)
+    t, faulted = _timed(lambda: fn(x), b)
+    point = cal.collective_point(kind, group, link, elems * itemsize(b.dtype), t / ops)
     point["ops_in_hlo"] = ops
+    point["fault_bytes"] = None if faulted is None else faulted / ops
     return point
+
+
+def reduce_scratch(b: Bench) -> dict:
+    """Compile (not run) the step's gradient pattern at 8 MiB per device: gradients made
+    in the program, all-reduced, added into the donated state. XLA's scratch for it is one
+    buffer if the all-reduce works in place and two if it writes a new output (the CPU
+    runtime does: HostMemory.all_reduce_out_of_place)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    mesh, nd, nbytes = flat_mesh(b), len(b.devices), 8 * cal.MIB
+    x = _random(mesh, P("d"), (nd * (nbytes // itemsize(b.dtype)),), b.dtype, 7)
+    body = lambda x: x + jax.lax.psum(x * 2, "d")  # noqa: E731
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")), donate_argnums=0)
+    mem = fn.lower(x).compile().memory_analysis()
+    temp = float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
+    return {"buffer_bytes": nbytes, "temp_bytes": temp}
 
 
 def overlap(b: Bench) -> dict:

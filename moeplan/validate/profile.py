@@ -249,7 +249,8 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
             prep = prepare_one(model, train, mesh, devices[: mesh.devices], phase=phase,
                                options=payload.get("options"))
             if not interleave:
-                record = time_alone(prep, payload["steps"], payload["warmup"], phase)
+                record = with_page_faults(prep, time_alone(prep, payload["steps"], payload["warmup"], phase),
+                                          devices[: mesh.devices])
                 _emit_result(emit, i, mesh, with_breakdown(prep, record, payload.get("breakdown", 0), phase))
             else:
                 warm_up(prep, payload["warmup"])
@@ -264,6 +265,7 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     if ready:
         emit({"event": "phase", "index": min(ready), "mesh": "all", "phase": "rounds", "done": 0, "total": rounds})
         for i, rec in time_in_rounds(ready, payload["steps"], rounds).items():
+            rec = with_page_faults(ready[i], rec, devices[: meshes[i].devices])
             _emit_result(emit, i, meshes[i],
                          with_breakdown(ready[i], rec, payload.get("breakdown", 0), _phases(emit, i, meshes[i])))
         ready.clear()
@@ -366,6 +368,29 @@ def time_in_rounds(ready: dict[int, Prepared], steps: int, rounds: int) -> dict[
         t = timed[str(i)]
         out[i] = finish(prep, t.time_s, t.time_cv, list(t.times_s))
     return out
+
+
+FAULT_STEPS = 2  # untimed steps run after timing to count the page faults of one step
+
+
+def with_page_faults(prep: Prepared, record: dict, devices: list) -> dict:
+    """`record` plus `first_touch_bytes_per_device`: the bytes this process page-faulted per
+    step per local device, over FAULT_STEPS steps run after timing (CPU devices only: there
+    the scratch block over the allocator's map threshold is paged in afresh every step,
+    cost/first_touch.py). Left out of the routing history like the traced steps."""
+    import jax
+
+    from moeplan.validate import page_faults
+
+    if not devices or getattr(devices[0], "platform", None) != "cpu":
+        return record
+    local = sum(1 for d in devices if d.process_index == jax.process_index())
+    kept = len(prep.history)
+    try:
+        faulted = page_faults.count(prep.run, FAULT_STEPS, jax.block_until_ready, local)
+    finally:
+        del prep.history[kept:]
+    return record if faulted is None else {**record, "first_touch_bytes_per_device": faulted}
 
 
 def with_breakdown(prep: Prepared, record: dict, steps: int, phase: Callable[..., None]) -> dict:
