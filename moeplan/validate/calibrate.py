@@ -410,6 +410,8 @@ def header(profile: dict) -> str:
     m = profile["measured"]
     dev = m["device"]
     up = m["links"]["scale_up"]
+    priced = "host_memory" in profile
+    copies = [q for q in m["copy"] if not (priced and faulted(q))] or m["copy"]
     lines = [
         MARKER,
         f"# date: {m['date']}   jax {dev['jax']}   device: {dev['kind']} ({dev['platform']}) "
@@ -417,8 +419,12 @@ def header(profile: dict) -> str:
         "# peak_flops: best per-device rate of batched matmuls, all devices at once "
         "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
         "# hbm_bandwidth: harmonic mean of the per-device rates of x+1 over buffers of "
-        + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in m["copy"]) + " (read + write bytes)",
+        + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in copies) + " (read + write bytes)"
+        + ("; the sizes that page-faulted their output are priced by host_memory" if priced else ""),
         "# inplace_bandwidth: the same for x = x + 1 with x donated (output written over the input)",
+        *(["# host_memory: first_touch_bandwidth = extra bytes page-faulted (getrusage) over extra time of "
+           "the fresh x+1 against the in-place one, at the sizes that faulted; collectives' fits exclude "
+           "their faults; all_reduce_out_of_place from the scratch XLA plans for one all-reduce"] if priced else []),
         "# scale_up/scale_out: least-squares alpha-beta fit, time = ring_steps*latency + "
         f"wire_bytes/bandwidth, over {', '.join(KINDS)} (rms relative residual "
         f"{up['rms_rel_residual']:.2f} on {up['points']} points)",
