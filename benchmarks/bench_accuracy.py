@@ -157,7 +157,7 @@ def term_lines(comparisons: list) -> list[str]:
         if not split:
             continue
         p = term_times.predicted_terms(c.predicted_row)
-        for term in set(p) | set(split):
+        for term in (set(p) | set(split)) - set(term_times.UNTRACED):
             pred.setdefault(term, []).append(p.get(term, 0.0))
             meas.setdefault(term, []).append(split.get(term, 0.0))
     if not pred:
@@ -172,6 +172,11 @@ def term_lines(comparisons: list) -> list[str]:
         med = f"{statistics.median(ratios):.2f}" if ratios else "-"
         out.append(f"  {t:18s} {sum(pred[t]) * 1e3:8.1f}ms {sum(meas[t]) * 1e3:8.1f}ms {med:>10s} "
                    f"{miss[t] * 1e3:+8.1f}ms {abs(miss[t]) / total:9.1%}")
+    faults = sum(c.predicted_row["compute_s_by_op"].get("first_touch", 0.0) for c in comparisons
+                 if c.ok and c.measured.extra.get("time_by_term_s"))
+    if faults:
+        out.append(f"  (first_touch: {faults * 1e3:.1f}ms predicted, left out above: page faults have no ops of "
+                   "their own, they are paid inside the ops that first write fresh scratch)")
     return out
 
 

@@ -138,3 +138,10 @@ def test_rendezvous_waits_inside_a_collective_become_their_own_event():
     split = tt.seconds_by_term(tt.exclusive_events(raw), {"all-reduce.4": "data_axis"}, steps=1)
     assert split[tt.WAIT] == pytest.approx(35e-6)  # (40 + 30) us over 2 devices
     assert split["data_axis"] == pytest.approx(30e-6)
+
+
+def test_untraced_terms_keep_their_prediction_and_have_no_measured_figure() -> None:
+    pred = {"expert_ffn": 0.5, "first_touch": 0.001, "all_to_all": 0.2}
+    rows = tt.term_rows(pred, {"expert_ffn": 0.6, "all_to_all": 0.1})
+    assert ("first_touch", 0.001, None) in rows  # shown even below min_share: it has no measured side
+    assert all(m is not None for term, _, m in rows if term != "first_touch")

@@ -206,8 +206,11 @@ def test_copy_rates_far_apart_warn_of_a_cliff():
     assert "2.00x" in line and "4 MiB: 4.00 GB/s" in line and "16 MiB: 2.00 GB/s" in line
     # 3e9 against 2e9 is 1.5x apart: within CLIFF_SPREAD
     assert cal.calibration_warnings(cal.fit_profile(raw_record(), name="test cpu")["measured"]) == []
-    # a slow size that page-faulted its output is explained (and priced by host_memory)
+    # a slow size that page-faulted its output, slower than its in-place copy, is explained
+    # (and priced by host_memory)
     raw["copy"][1]["fault_bytes"] = float(raw["copy"][1]["bytes_per_device"])
+    raw["copy_in_place"] = [{"bytes_per_device": 2**22, "time_s": 1e-3, "bytes_per_s": 8e9},
+                            {"bytes_per_device": 2**24, "time_s": 2e-3, "bytes_per_s": 1.6e10}]
     assert cal.calibration_warnings(cal.fit_profile(raw, name="test cpu")["measured"]) == []
 
 

@@ -264,12 +264,13 @@ def _breakdown_section(doc: dict) -> list:
     for r in traced:
         rows = tt.term_rows(tt.predicted_terms(r["predicted"]), r["measured"]["time_by_term_s"])
         for j, (term, p, m) in enumerate(rows):
-            table.add_row(r["mesh"] if j == 0 else "", term, output.fmt_seconds(p), output.fmt_seconds(m),
-                          _ratio(m / p if p else None))
+            table.add_row(r["mesh"] if j == 0 else "", term, output.fmt_seconds(p),
+                          "in other ops" if m is None else output.fmt_seconds(m), _ratio(m / p if p and m is not None else None))
     table.caption = ("measured: each device's time inside the ops of a term, averaged over devices and "
                      f"{traced[0]['measured']['traced_steps']} traced steps, scaled to the measured step time; "
                      "'waiting': collectives' rendezvous waits for the other devices, where the runtime records "
-                     "them (CPU); on simulated CPU devices every op also waits for a core (shares, not costs)")
+                     "them (CPU); on simulated CPU devices every op also waits for a core (shares, not costs); "
+                     "'first_touch': page faults on fresh scratch, paid inside the ops that first write it")
     return [table, *failed]
 
 

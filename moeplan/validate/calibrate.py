@@ -382,21 +382,25 @@ straddle a cliff of the host's memory system. On CPU devices that cliff is the a
 glibc serves buffers under its 32 MiB mmap-threshold ceiling from a recycled heap but maps
 larger ones afresh, so each call pays first-touch page faults (measured on one host: 1.7-2.9
 GB/s at 4-16 MiB against 0.9-1.2 GB/s at 32-64 MiB, while an in-place (donated) copy streams
-4-5 GB/s at every size; docs/validation.md). Where the copies' page faults were counted, the
-sizes that faulted are priced by host_memory instead and left out of the spread."""
+4-5 GB/s at every size; docs/validation.md). Where the copies' page faults were counted and
+priced, the sizes that faulted their output are left out and the others' rates are judged
+with their own (partial) fault time taken out: what is left is a cliff faults do not explain."""
 
 
 def calibration_warnings(measured: dict | None) -> list[str]:
     """What a user should know before trusting a profile's memory-bound predictions, from its
     calibration record (`measured`; None for vendor presets: nothing to say)."""
-    copies = [p for p in (measured or {}).get("copy", []) if not faulted(p)]
-    rates = [p["bytes_per_s"] for p in copies]
+    measured = measured or {}
+    ft = first_touch_bandwidth(measured.get("copy", []), measured.get("copy_in_place") or [])
+    copies = [p for p in measured.get("copy", []) if not (ft and faulted(p))]
+    rates = [2 * p["bytes_per_device"] / max(p["time_s"] - (p.get("fault_bytes") or 0.0) / ft, 1e-12) if ft
+             else p["bytes_per_s"] for p in copies]
     if len(rates) < 2 or min(rates) <= 0:
         return []
     spread = max(rates) / min(rates)
     if spread <= CLIFF_SPREAD:
         return []
-    sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {p['bytes_per_s'] / 1e9:.2f} GB/s" for p in copies)
+    sizes = ", ".join(f"{p['bytes_per_device'] / MIB:g} MiB: {r / 1e9:.2f} GB/s" for p, r in zip(copies, rates))
     return [f"copy rate differs {spread:.2f}x across buffer sizes ({sizes} per device): this host's memory "
             "system has a cliff between them that page faults do not explain; hbm_bandwidth is their "
             "harmonic mean, so memory-bound step times depend on which side a step's buffers fall"]
@@ -501,6 +505,8 @@ def calibrate_task(payload: dict, devices: list, emit: Callable[[dict], None]) -
         result = job()
         if section in ("overlap", "reduce_scratch"):
             raw[section] = result
+        elif section == "matmul":
+            raw[section].extend(result)  # the sweep times every shape in interleaved rounds
         else:
             raw[section].append(result)
     raw["device"] = mb.describe(devices)

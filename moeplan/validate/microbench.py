@@ -54,8 +54,7 @@ class Bench:
 def job_list(b: Bench) -> list[Job]:
     """Every benchmark as (section, label, thunk), in a fixed order."""
     jobs: list[Job] = []
-    for m, k, n in b.sweep.matmul_shapes:
-        jobs.append(("matmul", f"matmul {m}x{k}x{n}", partial(matmul, b, m, k, n)))
+    jobs.append(("matmul", f"{len(b.sweep.matmul_shapes)} matmul shapes", partial(matmul_sweep, b)))
     for section, in_place in (("copy", False), ("copy_in_place", True)):
         for nbytes in b.sweep.copy_bytes:
             label = f"{'in-place ' if in_place else ''}copy {nbytes // cal.MIB} MiB"
@@ -113,10 +112,6 @@ def _random(mesh, spec, shape: tuple[int, ...], dtype: str, seed: int):
     return make(jax.random.key(seed))
 
 
-def _median_s(fn: Callable, args: tuple, b: Bench) -> float:
-    return time_steps(lambda: fn(*args), steps=b.steps, warmup=b.warmup).median_s
-
-
 def _timed(run: Callable[[], Any], b: Bench) -> tuple[float, float | None]:
     """(median seconds, bytes page-faulted per call per device) over the timed calls, warm-up
     excluded: the faults price first touch (calibrate.first_touch_bandwidth) and are taken
@@ -136,8 +131,9 @@ def itemsize(dtype: str) -> int:
     return int(np.dtype(dtype).itemsize) if dtype != "bfloat16" else 2
 
 
-def matmul(b: Bench, m: int, k: int, n: int) -> dict:
-    """Per-device batched [r,m,k] x [r,k,n]; rate = 2*r*m*k*n / time."""
+def _matmul_program(b: Bench, m: int, k: int, n: int) -> tuple[Callable[[], Any], int]:
+    """(call, batch r): per-device batched [r,m,k] x [r,k,n], r chosen so one call does
+    about `matmul_flops_per_call` FLOPs (small shapes are batched up to it)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -148,8 +144,32 @@ def matmul(b: Bench, m: int, k: int, n: int) -> dict:
     w = _random(mesh, P("d"), (nd * r, k, n), b.dtype, 1)
     body = lambda x, w: jnp.einsum("rmk,rkn->rmn", x, w)  # noqa: E731
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
-    t = _median_s(fn, (x, w), b)
-    return {"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 2 * r * m * k * n / t}
+    return (lambda: fn(x, w)), r
+
+
+MATMUL_ROUNDS = 7
+
+
+def matmul_sweep(b: Bench) -> list[dict]:
+    """Every shape of the sweep compiled and warmed up first, then timed in MATMUL_ROUNDS
+    interleaved rounds of `steps` calls each; a shape's time is the median of its per-round
+    medians. Why: timed one after another, single shapes moved 30-60% between calibrations
+    an hour apart on a shared 2-core host (128^3 at 9.1-15.9 GFLOP/s, 512^3 at 12.2-20.0),
+    and the matmul curve prices every small product of a step; interleaving makes drift hit
+    all shapes alike, and more rounds average it."""
+    shapes = list(b.sweep.matmul_shapes)
+    programs = [_matmul_program(b, m, k, n) for m, k, n in shapes]
+    for run, _ in programs:
+        time_steps(run, steps=1, warmup=b.warmup)
+    times: list[list[float]] = [[] for _ in programs]
+    for _ in range(MATMUL_ROUNDS):
+        for i, (run, _) in enumerate(programs):
+            times[i].append(time_steps(run, steps=b.steps, warmup=0).median_s)
+    out = []
+    for (m, k, n), (_, r), ts in zip(shapes, programs, times):
+        t = median(ts)
+        out.append({"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 2 * r * m * k * n / t})
+    return out
 
 
 def copy(b: Bench, nbytes: int, in_place: bool = False) -> dict:

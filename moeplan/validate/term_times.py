@@ -272,17 +272,24 @@ def predicted_terms(row: dict) -> dict[str, float]:
 
 
 REST = "rest"
+UNTRACED = ("first_touch",)
+"""Predicted terms a trace has no ops for: page faults on fresh scratch (cost/first_touch.py)
+are paid inside whichever kernels first write those pages, so their time is in those terms."""
 
 
 def term_rows(predicted: dict[str, float], measured: dict[str, float],
-              min_share: float = 0.02) -> list[tuple[str, float, float]]:
+              min_share: float = 0.02) -> list[tuple[str, float, float | None]]:
     """(term, predicted s, measured s), largest measured first, for every term holding at
-    least `min_share` of either side's total; the others are added up in one REST row."""
+    least `min_share` of either side's total; the others are added up in one REST row.
+    UNTRACED terms have no measured figure (None)."""
     tot_p, tot_m = sum(predicted.values()) or 1.0, sum(measured.values()) or 1.0
-    rows, rest = [], [0.0, 0.0]
+    rows: list[tuple[str, float, float | None]] = []
+    rest = [0.0, 0.0]
     for k in sorted(set(predicted) | set(measured), key=lambda k: -measured.get(k, 0.0)):
         p, m = predicted.get(k, 0.0), measured.get(k, 0.0)
-        if p >= min_share * tot_p or m >= min_share * tot_m:
+        if k in UNTRACED:
+            rows.append((k, p, None))
+        elif p >= min_share * tot_p or m >= min_share * tot_m:
             rows.append((k, p, m))
         else:
             rest[0] += p
