@@ -183,3 +183,32 @@ def test_profile_breakdown_splits_the_step_by_cost_term():
         console.print(part)
     text = console.export_text()
     assert "Step time by cost term" in text and "all_to_all" in text
+
+
+@pytest.mark.slow
+def test_profile_counts_the_page_faults_the_cost_model_predicts():
+    """On CPU devices a scratch block over glibc's 32 MiB map threshold is paged in afresh every
+    step and one under it is not: the count of `profile` must match `first_touch` both ways."""
+    from pathlib import Path
+
+    profile = Path(__file__).parent / "regress_cpu8.yaml"  # a calibrated profile: has host_memory
+    assert presets.load_hardware(profile).host_memory is not None
+    result = runner.invoke(app, ["profile", "--model", "small-moe", "--hardware", str(profile), "--devices", "8",
+                                 "--mesh", "data=8", "--mesh", "data=1,expert=8", "--seq-len", "64", "--batch", "16",
+                                 "--steps", "3", "--warmup", "3", "--format", "json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    big, small = json.loads(result.stdout)["results"]
+    mib = 2**20
+    # data=8: gradients + their all-reduce output, 114 MiB of scratch per device
+    assert big["predicted"]["first_touch_bytes_per_device"] > 64 * mib
+    assert big["measured"]["first_touch_bytes_per_device"] == pytest.approx(
+        big["predicted"]["first_touch_bytes_per_device"], rel=0.15)
+    assert big["comparison"]["first_touch_bytes"]["measured"] == big["measured"]["first_touch_bytes_per_device"]
+    assert big["comparison"]["memory_ratio"] == pytest.approx(1.0, abs=0.05)  # the reduce buffer counted
+    # data=1,expert=8: ~26 MiB, under the threshold: predicted 0; glibc recycles most of it once
+    # its threshold has adapted (0-3 MiB faulted per step over a benchmark's many steps, up to
+    # 13 MiB after one warm-up step)
+    scratch = small["measured"]["memory_analysis"]["temp_size"]
+    assert 16 * mib < scratch < 32 * mib
+    assert small["predicted"]["first_touch_bytes_per_device"] == 0
+    assert small["measured"]["first_touch_bytes_per_device"] < 0.5 * scratch

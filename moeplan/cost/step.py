@@ -241,7 +241,8 @@ def _estimate_block(
     """`estimate` for one block of plans (routing arrays are filled in by the caller)."""
     plans = _float_sizes(plans_in)
     host = hw.host_memory
-    mem = memory.memory_per_device(model, train, plans, reduce_out_of_place=bool(host and host.all_reduce_out_of_place))
+    out_of_place = host is not None and host.all_reduce_out_of_place
+    mem = memory.memory_per_device(model, train, plans, reduce_out_of_place=out_of_place)
     mem_total = sum(mem.values())
     work = compute.op_work(model, train, plans, expert_factor=factor)
     compute_detail = {k: compute.roofline_s(w, hw) for k, w in work.items()}
@@ -260,7 +261,6 @@ def _estimate_block(
     terms = comm.seconds_by_term
     comm_s = terms["all_to_all"] + terms["model_axis"] + terms["data_axis"]
     lower, upper, point = overlap_bounds(compute_s, comm_s, hw.overlap)
-
 
     devices = plans.data * plans.expert * plans.model
     tokens = train.tokens_per_step

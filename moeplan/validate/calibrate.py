@@ -387,14 +387,22 @@ priced, the sizes that faulted their output are left out and the others' rates a
 with their own (partial) fault time taken out: what is left is a cliff faults do not explain."""
 
 
+def _rate_without_faults(copy: dict, first_touch: float | None) -> float:
+    """A copy point's rate with the time of the pages it faulted taken out (as measured
+    without a first-touch price)."""
+    if not first_touch:
+        return copy["bytes_per_s"]
+    left = copy["time_s"] - (copy.get("fault_bytes") or 0.0) / first_touch
+    return 2 * copy["bytes_per_device"] / max(left, MIN_LEFT * copy["time_s"])
+
+
 def calibration_warnings(measured: dict | None) -> list[str]:
     """What a user should know before trusting a profile's memory-bound predictions, from its
     calibration record (`measured`; None for vendor presets: nothing to say)."""
     measured = measured or {}
     ft = first_touch_bandwidth(measured.get("copy", []), measured.get("copy_in_place") or [])
     copies = [p for p in measured.get("copy", []) if not (ft and faulted(p))]
-    rates = [2 * p["bytes_per_device"] / max(p["time_s"] - (p.get("fault_bytes") or 0.0) / ft, 1e-12) if ft
-             else p["bytes_per_s"] for p in copies]
+    rates = [_rate_without_faults(p, ft) for p in copies]
     if len(rates) < 2 or min(rates) <= 0:
         return []
     spread = max(rates) / min(rates)
