@@ -9,6 +9,10 @@ per step from getrusage): scratch 114 MiB -> 114 MiB faulted, 59 -> 55, 33 -> 29
 bandwidth cannot carry this: it depends on the step's scratch size, not on the bytes a kernel
 moves, and it is a cliff at the threshold. Linux's demand paging: Bovet & Cesati,
 "Understanding the Linux Kernel", 3rd ed., ch. 9 ("Page Fault Exception Handler").
+The cliff idealises glibc: it maps a large request only when its heap has no free region
+that large, and recycles blocks under the threshold only once the threshold has adapted to
+them, so a process's history moves the count (a 26 MiB block faulted 0-13 MiB a step; in a
+long test session a fresh 64 MiB buffer faulted nothing). `profile` counts the faults.
 
 Accelerators use pooled allocators (XLA's BFC allocator on GPU, a planned heap on TPU), so
 hardware profiles without `host_memory` have no such term.
