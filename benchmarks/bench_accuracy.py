@@ -25,6 +25,10 @@ Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--st
        [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
        [--routing SPEC] [--rounds N] [--breakdown] [-o out.json]
 
+At the end a quick calibration re-times one matmul and one in-place copy and prints their
+rates over the calibration's (host drift: the absolute error moves with it, the scale-free
+one much less).
+
 --rounds N compiles every mesh of a shape first and times them in N interleaved rounds
 (`moeplan profile --rounds`), so load drifting during the run hits all meshes alike.
 """
@@ -180,6 +184,30 @@ def term_lines(comparisons: list) -> list[str]:
     return out
 
 
+def drift_line(hw, devices: int) -> str:
+    """Diagnostic, no target: the quick calibration's matmul and copy rates now, over the same
+    points of the calibration the predictions came from. A step-time run takes minutes and
+    a shared host drifts: a matmul sweep 10-35% faster at calibration than half an hour
+    earlier, while the steps ran 0-14% slower, moved one run's absolute error from 5% to 19%
+    with its scale-free error at 4.5-6.7% (docs/validation.md). Below 1: slower now, so
+    the predictions read fast."""
+    measured = hw.measured or {}
+    if not measured.get("matmul"):
+        return "host drift: the profile has no calibration record to compare with"
+    now = cal.run_calibration(devices=devices, quick=True)["measured"]
+    parts = []
+    for key, label, rate in (("matmul", lambda p: f"matmul {p['m']}x{p['k']}x{p['n']}", "flops_per_s"),
+                             # in place: a fresh copy's page faults depend on the allocator's history
+                             ("copy_in_place", lambda p: f"in-place copy {p['bytes_per_device'] // cal.MIB} MiB",
+                              "bytes_per_s")):
+        before = {label(p): p[rate] for p in measured.get(key, [])}
+        for p in now.get(key, []):
+            if label(p) in before:
+                parts.append(f"{label(p)} x{p[rate] / before[label(p)]:.2f}")
+    return ("host drift since calibration (rate now / at calibration): " + ", ".join(parts) +
+            " (below 1: the host is slower now, so predictions read fast)") if parts else "host drift: no common point"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hardware", help="hardware profile to predict with (default: calibrate now)")
@@ -245,6 +273,7 @@ def main() -> None:
     print("targets: median |err| <= 10%, Spearman >= 0.9, top-1 regret <= 5%, FLOPs <= 5%, memory <= 10%, "
           "comm bytes exact")
     print(scale_free_line(reports))
+    print(drift_line(hw, args.devices), flush=True)
     if args.breakdown:
         print("\n".join(term_lines(pooled)))
     print(f"end: {load()}")

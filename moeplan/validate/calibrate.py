@@ -89,9 +89,11 @@ FULL = Sweep(
     copy_bytes=(4 * MIB, 8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB),
     collective_bytes=(16 * 1024, 256 * 1024, 4 * MIB, 32 * MIB, 64 * MIB),
 )
-# A smoke test of the machinery (tests, `calibrate --quick`): a few points, figures to distrust.
+# A smoke test of the machinery (tests, `calibrate --quick`): a few points, figures to distrust
+# as a profile. Its matmul and copy are timed exactly as FULL's same points, so a quick run
+# later tells how far the host has drifted since a full one (benchmarks/bench_accuracy.py).
 QUICK = Sweep(matmul_shapes=((256, 256, 256),), copy_bytes=(4 * MIB,),
-              collective_bytes=(16 * 1024, 1 * MIB), repeat=2, matmul_flops_per_call=5e7, all_groups=False)
+              collective_bytes=(16 * 1024, 1 * MIB), repeat=2, all_groups=False)
 
 
 # ---- fitting (pure numpy, tested on synthetic timings) ------------------------------------
