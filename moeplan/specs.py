@@ -201,7 +201,8 @@ class KindScale(_Spec):
         description="Measured time over the alpha-beta fit, by buffer size (interpolated in log "
         "size, held beyond the ends): what a straight line in bytes cannot say. On CPU devices "
         "a large collective also pays first-touch page faults on its fresh output (32 MiB "
-        "all-reduces measured 2-4x their fit); accelerators need no curve.",
+        "all-reduces measured 2-4x their fit); calibrate takes the counted faults out first, "
+        "since host_memory prices them on the step's scratch. Accelerators need no curve.",
     )
 
     @model_validator(mode="after")

@@ -14,13 +14,16 @@ What each number is (also written into the YAML's header):
   scores of a small model), so the cost model times a small product at the rate such
   products actually reach instead of at the peak of large ones.
 - hbm_bandwidth: the harmonic mean of the per-device rates of an elementwise x+1 (bytes read
-  + written) over buffers of 4 to 64 MiB, i.e. the rate at which equal bytes through each
-  size would stream. Why a mean over sizes and not the best one: on CPU devices the rate is
-  as much the allocator as DRAM (a fresh output buffer each call; glibc maps buffers over its
-  32 MiB threshold afresh and pays page faults), and a step's buffers span both sides of
-  that threshold; the best of a 16 and a 32 MiB point swung 1.75-2.40 GB/s between
-  calibrations an hour apart, the harmonic mean of the five sizes 1.40-1.58.
-  memory_efficiency is 1.0 because it is an achieved rate.
+  + written) over the buffers of 4 to 64 MiB whose output did not page-fault, i.e. the rate
+  at which equal bytes through each such size would stream. memory_efficiency is 1.0
+  because it is an achieved rate.
+- host_memory (CPU devices): every copy counts its page faults (getrusage). glibc maps
+  outputs over its 32 MiB mmap threshold afresh, so those copies fault their whole output
+  every call; first_touch_bandwidth is their extra faulted bytes over their extra time
+  against the in-place copy of the same size, and the cost model charges it on the step's
+  scratch block (cost/first_touch.py). Before this split the mean went over all five sizes
+  and charged every memory-bound kernel a share of the faults. all_reduce_out_of_place: the
+  scratch XLA plans for one all-reduce of gradients made in the program.
 - scale_up / scale_out links: alpha (latency per step) and bandwidth fitted by least
   squares to time = steps*alpha + wire_bytes/bandwidth over all four collective kinds,
   several group sizes and buffer sizes (Hockney's alpha-beta model; steps and wire bytes
@@ -67,11 +70,12 @@ class Sweep:
     projection matmuls of small MoE blocks) trace the efficiency curve."""
     copy_bytes: tuple[int, ...]
     """Bytes per device of the x+1 copy, in powers of two on both sides of glibc's 32 MiB
-    mmap threshold (8 CPU devices: 32-512 MiB in all); hbm_bandwidth is their harmonic mean."""
+    mmap threshold (8 CPU devices: 32-512 MiB in all): the sizes under it give hbm_bandwidth,
+    those over it the first-touch rate (host_memory)."""
     collective_bytes: tuple[int, ...]
     """Buffer bytes per collective (traffic.py convention), from latency-bound messages up to
     the size of a small model's gradient all-reduce (small-moe's is 60 MB; on CPU the largest
-    pay page faults on their fresh outputs, KindScale.by_size)."""
+    pay page faults on their fresh outputs, which the fits leave out: `without_faults`)."""
     repeat: int = 4
     """Collectives chained in one program, so the program launch is spread over them."""
     repeat_below: int = 1 * MIB
