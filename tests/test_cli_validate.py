@@ -212,3 +212,12 @@ def test_profile_counts_the_page_faults_the_cost_model_predicts():
     assert 16 * mib < scratch < 32 * mib
     assert small["predicted"]["first_touch_bytes_per_device"] == 0
     assert small["measured"]["first_touch_bytes_per_device"] < 0.5 * scratch
+    from rich.console import Console
+
+    from moeplan.commands.validate import profile_tables
+
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    for part in profile_tables(json.loads(result.stdout)):
+        console.print(part)
+    text = console.export_text()
+    assert "Scratch paged in afresh per step" in text and "data=1,expert=8,model=1" in text

@@ -247,7 +247,23 @@ def profile_tables(doc: dict):
         ("mesh", "left"), ("kind", "left"), "predicted", "compiled", ("match", "left")])
     for r in doc["results"]:
         _candidate_rows(r, cand, comm)
-    return [head, cand, comm, *_breakdown_section(doc), *_routing_section(doc), *_summary_lines(doc)]
+    return [head, cand, comm, *_fault_section(doc), *_breakdown_section(doc), *_routing_section(doc),
+            *_summary_lines(doc)]
+
+
+def _fault_section(doc: dict) -> list:
+    """CPU devices with a profile that prices first touch: the scratch paged in afresh per step."""
+    rows = [(r["mesh"], (r.get("comparison") or {}).get("first_touch_bytes")) for r in doc["results"]]
+    rows = [(mesh, f) for mesh, f in rows if f]
+    if not rows:
+        return []
+    table = output.new_table("Scratch paged in afresh per step (first-touch page faults), per device", [
+        ("mesh", "left"), "predicted", "counted"])
+    for mesh, f in rows:
+        table.add_row(mesh, output.fmt_bytes(f["predicted"]), output.fmt_bytes(f["measured"]))
+    table.caption = ("predicted: the step's scratch if it reaches host_memory.map_threshold_bytes, else 0; "
+                     "counted: this process's minor page faults over 2 steps after timing (getrusage)")
+    return [table]
 
 
 def _breakdown_section(doc: dict) -> list:
