@@ -23,11 +23,13 @@ measured, ranked by each term's share of the summed miss: which term carries the
 
 Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--steps 10]
        [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
-       [--routing SPEC] [--rounds N] [--breakdown] [-o out.json]
+       [--routing SPEC] [--rounds N] [--breakdown] [--bracket] [-o out.json]
 
 At the end a quick calibration re-times one matmul and one in-place copy and prints their
 rates over the calibration's (host drift: the absolute error moves with it, the scale-free
-one much less).
+one much less). With --bracket a second full calibration follows the timings, and the
+figures are printed again as predicted from the two calibrations' geometric mean, which
+brackets the window the steps ran in (micro-benchmarks only, as before).
 
 --rounds N compiles every mesh of a shape first and times them in N interleaved rounds
 (`moeplan profile --rounds`), so load drifting during the run hits all meshes alike.
@@ -47,6 +49,7 @@ from pathlib import Path
 from moeplan import output, presets
 from moeplan.cost import balance as bal
 from moeplan.files import write_text_atomic
+from moeplan.specs import Mesh
 from moeplan.validate import calibrate as cal
 from moeplan.validate import devices as dev
 from moeplan.validate import profile as prof
@@ -76,6 +79,69 @@ def hardware(args) -> tuple[presets.HardwareProfile, str]:
     cal.write_profile(path, profile)
     print(f"calibrated in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
     return presets.load_hardware(path), path
+
+
+def merged_calibration(before: dict, after: dict) -> dict:
+    """One profile from two calibrations of the same sweep: every micro-benchmark's time is
+    the geometric mean of its two timings, then fitted as usual (calibrate.fit_profile).
+    Why: the step timings take minutes on a host whose speed drifts; a calibration at each
+    end of that window brackets it, where one at the start may catch a fast or a slow moment.
+    Still micro-benchmarks only: no step timing enters it."""
+    a, b = before["measured"], after["measured"]
+
+    def mean_points(xs: list[dict], ys: list[dict], rate: str | None, work) -> list[dict]:
+        out = []
+        for x, y in zip(xs, ys):
+            t = (x["time_s"] * y["time_s"]) ** 0.5
+            out.append({**x, "time_s": t, **({rate: work(x) / t} if rate else {}),
+                        **({"fault_bytes": ((x.get("fault_bytes") or 0) + (y.get("fault_bytes") or 0)) / 2}
+                           if "fault_bytes" in x else {})})
+        return out
+
+    raw = {
+        "matmul": mean_points(a["matmul"], b["matmul"], "flops_per_s",
+                              lambda p: 2 * p["batch"] * p["m"] * p["k"] * p["n"]),
+        "copy": mean_points(a["copy"], b["copy"], "bytes_per_s", lambda p: 2 * p["bytes_per_device"]),
+        "copy_in_place": mean_points(a.get("copy_in_place") or [], b.get("copy_in_place") or [], "bytes_per_s",
+                                     lambda p: 2 * p["bytes_per_device"]),
+        "collectives": mean_points(a["collectives"], b["collectives"], None, None),
+        "overlap": {k: ((v * b["overlap"][k]) ** 0.5 if k.endswith("_s") else v) for k, v in a["overlap"].items()},
+        "reduce_scratch": a.get("reduce_scratch"),
+        "device": a["device"], "dtype": a["dtype"], "sweep": a.get("sweep", "full"),
+        "date": f"{a['date']} and {b['date']} (geometric mean)",
+    }
+    return cal.fit_profile(raw, name=before["name"])
+
+
+def bracket_lines(hw, reports: dict, inputs: dict, args) -> list[str]:
+    """The accuracy figures again, predicted from a calibration bracketing the timings
+    (`merged_calibration` of this run's first calibration and a second one made now)."""
+    from moeplan.validate.timing import median_abs_relative_error, spearman, top1_regret
+
+    first = presets.load_hardware(args.calibration_out).model_dump(mode="json")
+    second = cal.run_calibration(devices=args.devices, dtype="float32")
+    merged = presets.HardwareProfile.model_validate(merged_calibration(first, second))
+    lines = ["", "bracketed calibration (geometric mean of the calibrations before and after the timings):",
+             f"  peak {output.fmt_rate(merged.peak_flops, 'FLOP')} (before {output.fmt_rate(hw.peak_flops, 'FLOP')}, "
+             f"after {output.fmt_rate(second['peak_flops'], 'FLOP')}), memory {output.fmt_rate(merged.hbm_bandwidth, 'B')} "
+             f"(before {output.fmt_rate(hw.hbm_bandwidth, 'B')}, after {output.fmt_rate(second['hbm_bandwidth'], 'B')})"]
+    routing = bal.parse_routing(args.routing) if args.routing else None
+    all_p, all_m, sf_p, sf_m = [], [], [], []
+    for name, report in reports.items():
+        done = [c for c in report.comparisons if c.ok]
+        model, train = inputs[name]
+        meshes = [Mesh.parse(c.mesh) for c in done]
+        pred = [float(x) for x in prof.predict(model, train, merged, meshes, routing=routing).step_s]
+        meas = [c.measured.step_time_s for c in done]
+        all_p += pred
+        all_m += meas
+        sf_p += scale_free(pred)
+        sf_m += scale_free(meas)
+        lines.append(f"  {name:10s} median |err| {median_abs_relative_error(pred, meas):6.1%}  Spearman "
+                     f"{spearman(pred, meas):.3f}  top-1 regret {top1_regret(pred, meas):5.1%}")
+    lines.append(f"  all        median |err| {median_abs_relative_error(all_p, all_m):6.1%}  scale-free "
+                 f"{median_abs_relative_error(sf_p, sf_m):.1%}")
+    return lines
 
 
 def verdict(key: str, value) -> str:
@@ -224,6 +290,9 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help=f"also trace {term_times.TRACED_STEPS} steps per mesh and print the step time by "
                     "cost term, pooled")
+    ap.add_argument("--bracket", action="store_true",
+                    help="calibrate again after the timings and also print the figures predicted from the "
+                    "two calibrations' geometric mean (needs a fresh calibration, not --hardware)")
     ap.add_argument("-o", "--output", help="write every result as JSON here")
     args = ap.parse_args()
 
@@ -234,7 +303,7 @@ def main() -> None:
           f"{output.fmt_seconds(hw.scale_up.latency)}, overlap {hw.overlap:.2f}", flush=True)
     for line in cal.calibration_warnings(hw.measured):
         print(f"warning: {line}", flush=True)
-    reports, pooled, docs = {}, [], {}
+    reports, pooled, docs, inputs = {}, [], {}, {}
     for name in args.models.split(","):
         model = presets.load_model(name)
         train = presets.load_train(None, seq_len=args.seq_len, global_batch=args.batch, compute_dtype="float32")
@@ -248,6 +317,7 @@ def main() -> None:
         print(f"{name}: {len(meshes)} meshes in {time.perf_counter() - t0:.0f} s ({load()})", flush=True)
         print("\n".join(candidate_lines(name, report)), flush=True)
         reports[name] = report
+        inputs[name] = (model, train)
         pooled += report.comparisons
         docs[name] = report.record()
         if report.interrupted:
@@ -274,6 +344,8 @@ def main() -> None:
           "comm bytes exact")
     print(scale_free_line(reports))
     print(drift_line(hw, args.devices), flush=True)
+    if args.bracket and not args.hardware:
+        print("\n".join(bracket_lines(hw, reports, inputs, args)), flush=True)
     if args.breakdown:
         print("\n".join(term_lines(pooled)))
     print(f"end: {load()}")
