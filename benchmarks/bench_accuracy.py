@@ -92,10 +92,12 @@ def merged_calibration(before: dict, after: dict) -> dict:
     def mean_points(xs: list[dict], ys: list[dict], rate: str | None, work) -> list[dict]:
         out = []
         for x, y in zip(xs, ys):
-            t = (x["time_s"] * y["time_s"]) ** 0.5
-            out.append({**x, "time_s": t, **({rate: work(x) / t} if rate else {}),
-                        **({"fault_bytes": ((x.get("fault_bytes") or 0) + (y.get("fault_bytes") or 0)) / 2}
-                           if "fault_bytes" in x else {})})
+            point = {**x, "time_s": (x["time_s"] * y["time_s"]) ** 0.5}
+            if rate:
+                point[rate] = work(x) / point["time_s"]
+            if "fault_bytes" in x:
+                point["fault_bytes"] = ((x["fault_bytes"] or 0.0) + (y.get("fault_bytes") or 0.0)) / 2
+            out.append(point)
         return out
 
     raw = {
@@ -118,9 +120,8 @@ def bracket_lines(hw, reports: dict, inputs: dict, args) -> list[str]:
     (`merged_calibration` of this run's first calibration and a second one made now)."""
     from moeplan.validate.timing import median_abs_relative_error, spearman, top1_regret
 
-    first = presets.load_hardware(args.calibration_out).model_dump(mode="json")
     second = cal.run_calibration(devices=args.devices, dtype="float32")
-    merged = presets.HardwareProfile.model_validate(merged_calibration(first, second))
+    merged = presets.HardwareProfile.model_validate(merged_calibration(hw.model_dump(mode="json"), second))
     lines = ["", "bracketed calibration (geometric mean of the calibrations before and after the timings):",
              f"  peak {output.fmt_rate(merged.peak_flops, 'FLOP')} (before {output.fmt_rate(hw.peak_flops, 'FLOP')}, "
              f"after {output.fmt_rate(second['peak_flops'], 'FLOP')}), memory {output.fmt_rate(merged.hbm_bandwidth, 'B')} "

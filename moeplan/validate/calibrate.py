@@ -225,17 +225,28 @@ def first_touch_bandwidth(copies: list[dict], in_place: list[dict]) -> float | N
     return float(np.median(rates)) if rates else None
 
 
+def stream_copies(copies: list[dict], priced: bool) -> list[dict]:
+    """The copies hbm_bandwidth is taken over: those that did not fault when first touch is
+    priced on its own (their faults are then HostMemory's term, and a step's kernels write
+    into recycled scratch like these copies); all of them otherwise."""
+    kept = [p for p in copies if not faulted(p)] if priced else []
+    return kept or copies
+
+
 def stream_bandwidth(copies: list[dict], first_touch: float | None) -> float:
-    """hbm_bandwidth: the harmonic mean of the copy rates, over the sizes that did not fault
-    when first touch is priced on its own (their faults are then HostMemory's term, and a
-    step's kernels write into recycled scratch like these copies); over all sizes otherwise."""
-    kept = [p for p in copies if not faulted(p)] if first_touch else []
-    return copy_bandwidth(kept or copies)
+    """hbm_bandwidth: the harmonic mean of the rates of `stream_copies`."""
+    return copy_bandwidth(stream_copies(copies, bool(first_touch)))
 
 
 MIN_LEFT = 0.1
-"""Floor of a collective's time after its faults are taken out, as a share of the measured
-time (noise can make the estimated fault time exceed the measurement)."""
+"""Floor of a time after its faults are taken out, as a share of the measured time (noise
+can make the estimated fault time exceed the measurement)."""
+
+
+def time_without_faults(point: dict, first_touch: float) -> float:
+    """A micro-benchmark's time less the time of the pages it faulted (fault_bytes / rate)."""
+    paged = (point.get("fault_bytes") or 0.0) / first_touch
+    return max(point["time_s"] - paged, MIN_LEFT * point["time_s"])
 
 
 def without_faults(points: list[dict], first_touch: float | None) -> list[dict]:
@@ -247,11 +258,7 @@ def without_faults(points: list[dict], first_touch: float | None) -> list[dict]:
     """
     if not first_touch:
         return points
-    out = []
-    for p in points:
-        paged = (p.get("fault_bytes") or 0.0) / first_touch
-        out.append({**p, "time_s": max(p["time_s"] - paged, MIN_LEFT * p["time_s"])})
-    return out
+    return [{**p, "time_s": time_without_faults(p, first_touch)} for p in points]
 
 
 def host_memory(raw: dict, in_place: list[dict]) -> dict | None:
@@ -393,22 +400,13 @@ priced, the sizes that faulted their output are left out and the others' rates a
 with their own (partial) fault time taken out: what is left is a cliff faults do not explain."""
 
 
-def _rate_without_faults(copy: dict, first_touch: float | None) -> float:
-    """A copy point's rate with the time of the pages it faulted taken out (as measured
-    without a first-touch price)."""
-    if not first_touch:
-        return copy["bytes_per_s"]
-    left = copy["time_s"] - (copy.get("fault_bytes") or 0.0) / first_touch
-    return 2 * copy["bytes_per_device"] / max(left, MIN_LEFT * copy["time_s"])
-
-
 def calibration_warnings(measured: dict | None) -> list[str]:
     """What a user should know before trusting a profile's memory-bound predictions, from its
     calibration record (`measured`; None for vendor presets: nothing to say)."""
     measured = measured or {}
     ft = first_touch_bandwidth(measured.get("copy", []), measured.get("copy_in_place") or [])
     copies = [p for p in measured.get("copy", []) if not (ft and faulted(p))]
-    rates = [_rate_without_faults(p, ft) for p in copies]
+    rates = [2 * p["bytes_per_device"] / time_without_faults(p, ft) if ft else p["bytes_per_s"] for p in copies]
     if len(rates) < 2 or min(rates) <= 0:
         return []
     spread = max(rates) / min(rates)
@@ -429,7 +427,7 @@ def header(profile: dict) -> str:
     dev = m["device"]
     up = m["links"]["scale_up"]
     priced = "host_memory" in profile
-    copies = [q for q in m["copy"] if not (priced and faulted(q))] or m["copy"]
+    copies = stream_copies(m["copy"], priced)
     lines = [
         MARKER,
         f"# date: {m['date']}   jax {dev['jax']}   device: {dev['kind']} ({dev['platform']}) "

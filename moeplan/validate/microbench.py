@@ -123,8 +123,7 @@ def _timed(run: Callable[[], Any], b: Bench) -> tuple[float, float | None]:
         block(run())
     before = page_faults.minor_faults()
     t = time_steps(run, steps=b.steps, warmup=0).median_s
-    local = sum(1 for d in b.devices if d.process_index == b.devices[0].process_index)
-    return t, page_faults.per_call_bytes(before, page_faults.minor_faults(), b.steps, local)
+    return t, page_faults.per_call_bytes(before, page_faults.minor_faults(), b.steps, b.ordered.shape[1])
 
 
 def itemsize(dtype: str) -> int:
