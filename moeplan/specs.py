@@ -221,8 +221,11 @@ class HostMemory(_Spec):
     temp_size) with the C library's malloc, and glibc serves requests at or above its mmap
     threshold with fresh pages from the kernel, which fault on first touch every step
     (measured on 8 simulated devices: page faults per step equal to the scratch block when it
-    is over 32 MiB, none below). Accelerators keep a pooled allocator: no such cost there,
-    and vendor presets leave this unset.
+    is over 32 MiB, none below; moeplan pins glibc's thresholds while simulated devices run,
+    validate/host_allocator.py, so that rule holds whatever ran before). It also describes
+    what XLA's CPU backend keeps in memory where a device compiler fuses (the out-of-place
+    all-reduce, the unfused autodiff residuals). Accelerators keep a pooled allocator and a
+    fusing compiler: vendor presets leave this unset.
     """
 
     first_touch_bandwidth: PositiveFloat = Field(
@@ -238,6 +241,14 @@ class HostMemory(_Spec):
         description="The runtime's all-reduce writes a new buffer rather than its operand's, so "
         "the gradient all-reduce needs its output beside the gradients (measured by `moeplan "
         "calibrate` from the scratch XLA plans for one all-reduce).")
+    keeps_autodiff_residuals: bool = Field(
+        False,
+        description="The runtime materialises every residual JAX's autodiff saves rather than "
+        "fusing elementwise work into the matmuls: a gated FFN keeps 5 hidden-size buffers, not "
+        "3; an RMSNorm its normalised input beside its output; the loss backward exp(logits) "
+        "and d_logits (moeplan/cost/memory.py). Measured by `moeplan calibrate` from the scratch "
+        "XLA plans for a stack of gated FFN layers (CPU: 5.06 hidden buffers a layer; TPU v5p "
+        "ahead of time: 1.1).")
 
 
 class HardwareProfile(_Spec):

@@ -136,3 +136,39 @@ def test_reduce_buffer_takes_the_larger_of_two_ops_on_different_groups():
 def test_no_reduce_buffer_without_a_gradient_all_reduce():
     assert mem_cpu(Mesh(model=2))["reduce_buffer"] == 0  # no data or expert axis: nothing to reduce
     assert mem_cpu(Mesh(data=8), fsdp=True)["reduce_buffer"] == 0  # FSDP reduce-scatters instead
+
+
+# gated MoE model for the unfused-runtime counts: M=8, 1 MoE layer of 4 experts top-2 width 8
+GATED_MOE = ModelSpec(d_model=8, layers=1, heads=2, vocab=16, ffn_hidden=16, gated=True,
+                      moe=MoESpec(num_experts=4, top_k=2, expert_hidden=8, capacity_factor=1.0))
+
+
+def test_unfused_runtime_keeps_every_autodiff_residual_by_hand():
+    # seq 4 x batch 2 on one device: T = 8 tokens, float32 (4 B); capacity ceil(8*2/4) = 4, so
+    # E*C = 16 slots; on model=2 each rank holds H_e/m = 4 of the expert hidden.
+    train = TrainSpec(seq_len=4, global_batch=2, compute_dtype="float32")
+    plans = Plans.single(Mesh(model=2), train)
+    fused = {k: float(v[0]) for k, v in memory_per_device(GATED_MOE, train, plans).items()}
+    unfused = {k: float(v[0]) for k, v in memory_per_device(GATED_MOE, train, plans, unfused=True).items()}
+    # gated hidden: 5 buffers [E*C, H_e/m] instead of 3 -> 2 * 16 * 4 * 4 B = 512 B
+    assert unfused["moe_buffers"] - fused["moe_buffers"] == 512
+    # one more [T, M] per block norm (attention and MoE block: 2 * 8*8*4 = 512 B) plus the
+    # final norm's input and output (2 * 256 B)
+    assert unfused["activations"] - fused["activations"] == 512 + 512
+    # exp(logits) and d_logits: two [T, V] float32 instead of one
+    assert unfused["logits"] == 2 * fused["logits"] == 2 * 8 * 16 * 4
+    for term in ("weights", "gradients", "optimizer"):
+        assert unfused[term] == fused[term]
+
+
+def test_unfused_counts_follow_the_remat_policy():
+    # full remat keeps one block's hidden: the extra over fused is the same 512 B as with none,
+    # but not once per layer as under none (two layers here)
+    two = GATED_MOE.model_copy(update={"layers": 2})
+    extra = {}
+    for remat in ("none", "full"):
+        train = TrainSpec(seq_len=4, global_batch=2, compute_dtype="float32", remat=remat)
+        plans = Plans.single(Mesh(model=2), train)
+        f, u = (memory_per_device(two, train, plans, unfused=x)["moe_buffers"][0] for x in (False, True))
+        extra[remat] = float(u - f)
+    assert extra == {"none": 2 * 512.0, "full": 512.0}

@@ -350,3 +350,24 @@ def test_fit_profile_prices_first_touch_on_cpu_devices_only():
     assert cal.fit_profile(raw, name="test cpu")["host_memory"]["all_reduce_out_of_place"] is False
     raw["device"] = {**raw["device"], "platform": "gpu"}
     assert "host_memory" not in cal.fit_profile(raw, name="test gpu")
+
+
+def test_residual_probe_marks_runtimes_that_keep_every_autodiff_residual():
+    raw = raw_record()
+    raw["copy"], raw["copy_in_place"] = copies_with_faults()
+    raw["residual_scratch"] = {"hidden_bytes": 4 * MIB, "temp_per_layer_bytes": 5.06 * 4 * MIB}  # CPU
+    assert cal.fit_profile(raw, name="cpu")["host_memory"]["keeps_autodiff_residuals"] is True
+    raw["residual_scratch"] = {"hidden_bytes": 4 * MIB, "temp_per_layer_bytes": 1.1 * 4 * MIB}  # fusing
+    assert cal.fit_profile(raw, name="cpu")["host_memory"]["keeps_autodiff_residuals"] is False
+    raw.pop("residual_scratch")  # an older raw record: the field keeps its default
+    assert "keeps_autodiff_residuals" not in cal.fit_profile(raw, name="cpu")["host_memory"]
+
+
+def test_residual_probe_reads_five_hidden_buffers_a_layer_on_cpu():
+    import jax
+
+    from moeplan.validate import microbench as mb
+
+    bench = mb.Bench(devices=jax.devices("cpu")[:1], dtype="float32", steps=1, warmup=0, sweep=cal.QUICK)
+    kept = cal.residuals_per_layer({"residual_scratch": mb.residual_scratch(bench)})
+    assert 4.5 <= kept <= 5.5  # h1, h3, sigmoid(h1), silu(h1), product (+ a few [T, M] rows)

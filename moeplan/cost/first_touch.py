@@ -9,10 +9,11 @@ per step from getrusage): scratch 114 MiB -> 114 MiB faulted, 59 -> 55, 33 -> 29
 bandwidth cannot carry this: it depends on the step's scratch size, not on the bytes a kernel
 moves, and it is a cliff at the threshold. Linux's demand paging: Bovet & Cesati,
 "Understanding the Linux Kernel", 3rd ed., ch. 9 ("Page Fault Exception Handler").
-The cliff idealises glibc: it maps a large request only when its heap has no free region
-that large, and recycles blocks under the threshold only once the threshold has adapted to
-them, so a process's history moves the count (a 26 MiB block faulted 0-13 MiB a step; in a
-long test session a fresh 64 MiB buffer faulted nothing). `profile` counts the faults.
+Left to itself glibc adapts its thresholds as a process runs and trims its arenas, so a
+process's history moved the count (a 26 MiB block faulted 0-13 MiB a step; wide-moe's 18 MB
+block all of it in a fresh process, 2 MiB after twenty other meshes). moeplan therefore pins
+both thresholds while simulated devices run (validate/host_allocator.py), which makes the
+cliff below the allocator's actual rule; `profile` counts the faults to check it.
 
 Accelerators use pooled allocators (XLA's BFC allocator on GPU, a planned heap on TPU), so
 hardware profiles without `host_memory` have no such term.

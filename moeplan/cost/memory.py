@@ -17,7 +17,7 @@ Terms (per device; T tokens per microbatch, letters as in compute.py):
   activations  saved for backward under the remat policy (below), compute dtype
   moe_buffers  dispatched tokens [E*C, M] and returned expert outputs [E*C, M] plus the
                expert hidden f x [E*C, H_e/m], per MoE block kept under the remat policy
-  logits       [T, V] in float32
+  logits       [T, V] in float32 (unfused runtimes: two, below)
   reduce_buffer  (runtimes whose all-reduce is out of place: HostMemory.all_reduce_out_of_place)
                the gradient all-reduce's output beside the gradients it reduces, beyond what
                the activations (freed by then) leave: max(0, output - activations). XLA
@@ -38,6 +38,14 @@ attention, counted in elements:
   MoE block        block input and norm output 2TM, router logits and probabilities
                    2*T*E (float32),
                    shared-expert hidden f*T*H_s/m, and the moe_buffers above
+Unfused runtimes (HostMemory.keeps_autodiff_residuals; XLA's CPU backend) materialise every
+residual JAX's autodiff saves instead of fusing elementwise work into the matmuls around it:
+a gated FFN keeps five hidden-size buffers (x@W1, x@W3, sigmoid(x@W1), silu(x@W1) and the
+product) where the count above has f = 3; each RMSNorm keeps its normalised input beside its
+output (+T*M per norm, the final norm's two included); and the loss backward holds exp(logits)
+and d_logits, two [T, V] float32 buffers. Measured on 8 CPU devices (2026-12-02, XLA's
+buffer dump at the peak of tiny-moe model=8; a stack of gated FFN layers grows XLA's scratch
+by 5.06 hidden buffers a layer on CPU and 1.1 on TPU v5p ahead of time, which fuses more).
 Remat policies: none keeps every layer's activations; selective drops the S x S scores of
 all layers but the one being recomputed (Korthikanti et al. sec. 5); full keeps only each
 block's input [T, M] plus one block's activations while it is recomputed (Chen et al.
@@ -93,12 +101,19 @@ def block_params(model: ModelSpec, plans: Plans) -> np.ndarray:
     return common + np.maximum(dense, sparse)
 
 
-def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray) -> dict:
+UNFUSED_GATED_HIDDEN = 5  # residuals of silu(x W1) * (x W3) that JAX saves, each [T, H]
+
+
+def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray,
+                      unfused: bool = False) -> dict:
     """Bytes saved per layer of each kind, for one microbatch (formulas in the module doc)."""
     tm = t / plans.model
     cb = bytes_of(train.compute_dtype)
     dm, d, f = model.d_model, model.d_head, model.ffn_matrices
-    two_tm = t * (2.0 * dm * cb)  # block input and norm output, [T, M] each
+    if unfused and model.gated:
+        f = UNFUSED_GATED_HIDDEN
+    # block input and norm output, [T, M] each; unfused: the norm's normalised input too
+    two_tm = t * ((3.0 if unfused else 2.0) * dm * cb)
     parts = {
         "attention": two_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
         # the step keeps the float32 softmax output and its compute-dtype cast for AV
@@ -115,10 +130,11 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
     return parts
 
 
-def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray | None = None) -> tuple:
+def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray | None = None,
+                     unfused: bool = False) -> tuple:
     """(activations, moe_buffers) saved for backward under each plan's remat policy."""
     t = tokens_per_microbatch(train, plans) if t is None else t
-    p = _activation_parts(model, train, plans, t)
+    p = _activation_parts(model, train, plans, t, unfused)
     lyr, ld, lm = model.layers, model.dense_layers, model.moe_layers
     # 0/1 float masks blend the policies (same values as np.where, faster on 10^6 plans)
     full = (plans.remat == REMAT_CODES["full"]).astype(np.float64)
@@ -133,7 +149,9 @@ def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nda
     full_act = t * float(lyr * model.d_model * bytes_of(train.compute_dtype)) + p["attention"] + p["scores"]
     full_act = full_act + moe_bigger * p["moe_block"] + (1.0 - moe_bigger) * dense_one
     full_moe = moe_bigger * p["moe_buffers"]
-    return kept_share * kept + full * full_act, kept_share * kept_moe + full * full_moe
+    # unfused: the final norm's input and output, kept under every policy
+    final_norm = t * float(2 * model.d_model * bytes_of(train.compute_dtype)) if unfused else 0.0
+    return kept_share * kept + full * full_act + final_norm, kept_share * kept_moe + full * full_moe
 
 
 def reduce_output_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.ndarray:
@@ -152,18 +170,19 @@ def reduce_output_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.
 
 
 def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans,
-                      reduce_out_of_place: bool = False) -> dict[str, np.ndarray]:
+                      reduce_out_of_place: bool = False, unfused: bool = False) -> dict[str, np.ndarray]:
     """Peak bytes per device, term by term (MEMORY_TERMS); their sum is the total.
 
     `reduce_out_of_place`: the runtime's all-reduce writes a fresh output (CPU devices, see
-    HostMemory), which adds the reduce_buffer term.
+    HostMemory), which adds the reduce_buffer term. `unfused`: the runtime keeps every
+    autodiff residual (HostMemory.keeps_autodiff_residuals; counts in the module doc).
     """
     params = sharded_params(model, plans)
     pb = bytes_of(train.param_dtype)
     t = tokens_per_microbatch(train, plans)
-    activations, moe_buffers = activation_bytes(model, train, plans, t)
+    activations, moe_buffers = activation_bytes(model, train, plans, t, unfused)
     gathered = block_params(model, plans) * bytes_of(train.compute_dtype)
-    logits = t * (model.vocab * 4.0)
+    logits = t * (model.vocab * (8.0 if unfused else 4.0))  # unfused: exp(logits) and d_logits
     reduce_buffer = np.zeros(len(plans))
     if reduce_out_of_place:
         freed = activations + moe_buffers + logits

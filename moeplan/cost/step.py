@@ -242,7 +242,8 @@ def _estimate_block(
     plans = _float_sizes(plans_in)
     host = hw.host_memory
     out_of_place = host is not None and host.all_reduce_out_of_place
-    mem = memory.memory_per_device(model, train, plans, reduce_out_of_place=out_of_place)
+    unfused = host is not None and host.keeps_autodiff_residuals
+    mem = memory.memory_per_device(model, train, plans, reduce_out_of_place=out_of_place, unfused=unfused)
     mem_total = sum(mem.values())
     work = compute.op_work(model, train, plans, expert_factor=factor)
     compute_detail = {k: compute.roofline_s(w, hw) for k, w in work.items()}

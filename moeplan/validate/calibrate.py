@@ -24,6 +24,9 @@ What each number is (also written into the YAML's header):
   scratch block (cost/first_touch.py). Before this split the mean went over all five sizes
   and charged every memory-bound kernel a share of the faults. all_reduce_out_of_place: the
   scratch XLA plans for one all-reduce of gradients made in the program.
+  keeps_autodiff_residuals: the scratch XLA plans for the gradient of 1 and of 3 stacked
+  gated-FFN layers; per layer 5.06 hidden-size buffers on CPU (every residual JAX saves)
+  against 3 in the fused count, so memory and first-touch count the unfused residuals.
 - scale_up / scale_out links: alpha (latency per step) and bandwidth fitted by least
   squares to time = steps*alpha + wire_bytes/bandwidth over all four collective kinds,
   several group sizes and buffer sizes (Hockney's alpha-beta model; steps and wire bytes
@@ -54,6 +57,7 @@ from moeplan.cost.collectives import ring_steps
 from moeplan.cost.traffic import KINDS, wire_factor
 from moeplan.errors import MoeplanError
 from moeplan.files import write_text_atomic
+from moeplan.validate import host_allocator
 
 MARKER = "# moeplan-calibrate: measured hardware profile"
 TASK = "moeplan.validate.calibrate:calibrate_task"
@@ -273,12 +277,25 @@ def host_memory(raw: dict, in_place: list[dict]) -> dict | None:
     out = {"first_touch_bandwidth": rate, "map_threshold_bytes": float(MAP_THRESHOLD)}
     if probe.get("buffer_bytes"):
         out["all_reduce_out_of_place"] = bool(probe["temp_bytes"] >= 1.5 * probe["buffer_bytes"])
+    kept = residuals_per_layer(raw)
+    if kept is not None:
+        out["keeps_autodiff_residuals"] = kept >= UNFUSED_CUT
     return out
 
 
-MAP_THRESHOLD = 32 * MIB
-"""glibc's largest dynamic mmap threshold on 64-bit hosts (DEFAULT_MMAP_THRESHOLD_MAX, 4 MiB *
-sizeof(long); mallopt(3)): requests this large always get fresh pages."""
+def residuals_per_layer(raw: dict) -> float | None:
+    """Hidden-size buffers XLA keeps per gated-FFN layer (the residual_scratch probe)."""
+    probe = raw.get("residual_scratch") or {}
+    return probe["temp_per_layer_bytes"] / probe["hidden_bytes"] if probe.get("hidden_bytes") else None
+
+
+UNFUSED_CUT = 4.0
+"""Between the 3 hidden buffers a layer the fused count keeps (cost/memory.py) and the 5 JAX's
+autodiff saves: a probe at or over it marks a runtime that keeps every residual."""
+
+MAP_THRESHOLD = host_allocator.MAP_THRESHOLD_BYTES
+"""Requests this large always get fresh pages: glibc's largest mmap threshold on 64-bit
+hosts, which the simulated devices' allocator is pinned to (validate/host_allocator.py)."""
 
 
 def collective_scale(joint: LinkFit, per_kind: dict[str, dict],
@@ -385,6 +402,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
             "collectives": raw["collectives"],
             "overlap": ov,
             "reduce_scratch": raw.get("reduce_scratch"),
+            "residual_scratch": raw.get("residual_scratch"),
         },
     }
 
@@ -440,7 +458,9 @@ def header(profile: dict) -> str:
         "# inplace_bandwidth: the same for x = x + 1 with x donated (output written over the input)",
         *(["# host_memory: first_touch_bandwidth = extra bytes page-faulted (getrusage) over extra time of "
            "the fresh x+1 against the in-place one, at the sizes that faulted; collectives' fits exclude "
-           "their faults; all_reduce_out_of_place from the scratch XLA plans for one all-reduce"] if priced else []),
+           "their faults; all_reduce_out_of_place from the scratch XLA plans for one all-reduce; "
+           "keeps_autodiff_residuals when XLA's scratch for a stack of gated FFN layers grows by "
+           f"{UNFUSED_CUT:g}+ hidden buffers a layer (this host: {residuals_per_layer(m) or 0:.2f})"] if priced else []),
         "# scale_up/scale_out: least-squares alpha-beta fit, time = ring_steps*latency + "
         f"wire_bytes/bandwidth, over {', '.join(KINDS)} (rms relative residual "
         f"{up['rms_rel_residual']:.2f} on {up['points']} points)",
@@ -515,7 +535,7 @@ def calibrate_task(payload: dict, devices: list, emit: Callable[[dict], None]) -
     for i, (section, label, job) in enumerate(jobs):
         emit({"event": "progress", "done": i, "label": label})
         result = job()
-        if section in ("overlap", "reduce_scratch"):
+        if section in ("overlap", "reduce_scratch", "residual_scratch"):
             raw[section] = result
         elif section == "matmul":
             raw[section].extend(result)  # the sweep times every shape in interleaved rounds

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeplan.errors import MoeplanError
+from moeplan.validate import host_allocator
 
 Emit = Callable[[dict], None]
 CHILD_ENV = "MOEPLAN_DEVICES_CHILD"
@@ -88,7 +89,7 @@ def run(
     n = len(have) if devices is None else devices
     if len(have) >= n:
         emit = on_event if jax.process_index() == 0 else _quiet
-        resolve(task)(payload, list(have[:n]), emit)
+        _start(task, payload, list(have[:n]), emit)
         return
     if have[0].platform != "cpu" or cluster:
         raise MoeplanError(f"asked for {n} devices but jax sees {len(have)} ({have[0].platform})")
@@ -169,6 +170,14 @@ def resolve(task: str) -> Callable[[dict, list, Emit], Any]:
     """'package.module:function' -> the function."""
     module, _, name = task.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _start(task: str, payload: dict, devices: list, emit: Emit) -> None:
+    """Run the task; on CPU devices first pin the host allocator, so that which scratch
+    blocks page-fault every step follows one fixed rule (validate/host_allocator.py)."""
+    if devices[0].platform == "cpu":
+        host_allocator.pin()
+    resolve(task)(payload, devices, emit)
 
 
 def _quiet(event: dict) -> None:
@@ -317,7 +326,7 @@ def child_main(argv: list[str]) -> int:
         if len(have) < n:
             raise MoeplanError(f"could not get {n} simulated CPU devices (jax sees {len(have)})")
         payload = json.loads(Path(payload_path).read_text())
-        resolve(task)(payload, list(have[:n]), emit)
+        _start(task, payload, list(have[:n]), emit)
     except MoeplanError as e:
         emit({"event": "fatal", "message": str(e)})
         return 1

@@ -67,6 +67,7 @@ def job_list(b: Bench) -> list[Job]:
                     jobs.append(("collectives", label, partial(collective, b, kind, g, link, nbytes)))
     jobs.append(("overlap", "overlap", partial(overlap, b)))
     jobs.append(("reduce_scratch", "all-reduce scratch", partial(reduce_scratch, b)))
+    jobs.append(("residual_scratch", "autodiff residuals", partial(residual_scratch, b)))
     return jobs
 
 
@@ -261,6 +262,41 @@ def reduce_scratch(b: Bench) -> dict:
     mem = fn.lower(x).compile().memory_analysis()
     temp = float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
     return {"buffer_bytes": nbytes, "temp_bytes": temp}
+
+
+RESIDUAL_SHAPE = (1024, 64, 1024)  # tokens T, width M, hidden H: [T, H] buffers dominate
+
+
+def residual_scratch(b: Bench) -> dict:
+    """Compile (not run) the gradient of 1 and of 3 stacked RMSNorm + gated-FFN layers on one
+    device: XLA's scratch grows per layer by the residuals it keeps for backward. An unfused
+    runtime keeps all five hidden-size ones JAX saves (HostMemory.keeps_autodiff_residuals:
+    5.06 [T, H] buffers a layer measured on CPU); a fusing compiler far fewer (1.1 on TPU v5p).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    t, m, h = RESIDUAL_SHAPE
+    dt = jnp.dtype(b.dtype)
+
+    def layer(x, w):
+        xn = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w[0]
+        return x + (jax.nn.silu(xn @ w[1]) * (xn @ w[2])) @ w[3]
+
+    def loss(ws, x):
+        for w in ws:
+            x = layer(x, w)
+        return jnp.sum(x * x)
+
+    sharding = jax.sharding.SingleDeviceSharding(b.devices[0])
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+    w = (spec(m), spec(m, h), spec(m, h), spec(h, m))
+
+    def temp(layers: int) -> float:
+        mem = jax.jit(jax.grad(loss)).lower([w] * layers, spec(t, m)).compile().memory_analysis()
+        return float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
+
+    return {"hidden_bytes": t * h * dt.itemsize, "temp_per_layer_bytes": (temp(3) - temp(1)) / 2}
 
 
 def overlap(b: Bench) -> dict:

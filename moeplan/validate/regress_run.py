@@ -18,8 +18,12 @@ from moeplan.validate.suite import Candidate, Suite
 
 
 def _cpu_devices(n: int) -> list:
+    """The first n CPU devices, with the host allocator pinned as `profile` runs them."""
     import jax
 
+    from moeplan.validate import host_allocator
+
+    host_allocator.pin()
     devs = jax.devices("cpu")
     if len(devs) < n:
         raise MoeplanError(
