@@ -101,3 +101,32 @@ def test_time_steps_rejects_bad_counts():
         time_steps(lambda: None, steps=0, warmup=1, sync=lambda x: x)
     with pytest.raises(ValueError):
         time_steps(lambda: None, steps=1, warmup=-1, sync=lambda x: x)
+
+
+def test_rounds_settle_steps_run_untimed_at_the_start_of_each_round(monkeypatch):
+    from moeplan.validate import rounds
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(rounds.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(rounds.time, "process_time", lambda: clock["t"])
+    calls: list[str] = []
+    last: dict[str, str | None] = {"ran": None}
+
+    def candidate(name: str, base: float):
+        def run():
+            # the first step after another candidate ran is 10x slower (a cold switch)
+            clock["t"] += base * (10.0 if last["ran"] != name else 1.0)
+            last["ran"] = name
+            calls.append(name)
+        return run
+
+    runs = {"a": candidate("a", 1.0), "b": candidate("b", 2.0)}
+    settled = rounds.measure(runs, rounds=2, steps=2, max_cv=1.0, remeasure=0, clock="wall",
+                             sync=lambda x: x, settle=1)
+    assert calls.count("a") == calls.count("b") == 2 * (1 + 2)  # per round: 1 settle + 2 timed
+    assert settled["a"].times_s == [1.0, 1.0] and settled["b"].times_s == [2.0, 2.0]
+    calls.clear()
+    last["ran"] = None
+    cold = rounds.measure(runs, rounds=2, steps=2, max_cv=1.0, remeasure=0, clock="wall", sync=lambda x: x)
+    assert calls.count("a") == 2 * 2
+    assert cold["a"].times_s == [5.5, 5.5]  # median of a cold 10 and a warm 1

@@ -352,16 +352,25 @@ def time_alone(prep: Prepared, steps: int, warmup: int, phase: Callable[..., Non
     return finish(prep, timing.median_s, timing.cv, list(timing.times_s))
 
 
+ROUND_SETTLE = 1
+"""Untimed steps a candidate runs at the start of each of its rounds. The first step after
+another candidate ran is not a training step's steady state: measured on 8 CPU devices
+(wide-moe, ten meshes interleaved, 2026-12-02), data=1,expert=8's first step of a round took
+159 ms and its second 142 (142-147 for the other meshes' second steps), which alone made
+the planner's pick read 8-10% slower than its neighbours."""
+
+
 def time_in_rounds(ready: dict[int, Prepared], steps: int, rounds: int) -> dict[int, dict]:
     """Every warmed-up candidate timed in `rounds` interleaved rounds of steps // rounds steps
-    (at least 1) on the wall clock; step time = median of the per-round medians."""
+    (at least 1), each after ROUND_SETTLE untimed ones, on the wall clock; step time = median
+    of the per-round medians."""
     import jax
 
     from moeplan.validate import rounds as rounds_lib
 
     runs = {str(i): prep.run for i, prep in ready.items()}
     timed = rounds_lib.measure(runs, rounds=rounds, steps=max(1, steps // rounds), max_cv=float("inf"),
-                               remeasure=0, clock="wall", sync=jax.block_until_ready)
+                               remeasure=0, clock="wall", sync=jax.block_until_ready, settle=ROUND_SETTLE)
     # on the wall clock the judged times are the wall times: median, spread, per-round values
     out = {}
     for i, prep in ready.items():

@@ -102,11 +102,15 @@ def scale_free(xs: list[float]) -> list[float]:
     return [x / g for x in xs]
 
 
-def time_both(run: Callable[[], Any], steps: int, sync: Callable[[Any], Any] = block) -> tuple[float, float]:
-    """Median (CPU seconds, wall seconds) of `steps` steps, each synced before the clocks stop.
+def time_both(run: Callable[[], Any], steps: int, sync: Callable[[Any], Any] = block,
+              settle: int = 0) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of `steps` steps, each synced before the clocks stop,
+    after `settle` untimed ones.
 
     `timing.time_steps` reads one clock; judging needs both per step, hence this loop.
     """
+    for _ in range(settle):
+        sync(run())
     cpu, wall = [], []
     for _ in range(steps):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -126,14 +130,14 @@ def _ratios(times: dict[str, float]) -> dict[str, float]:
 
 def _rounds(
     runs: Mapping[str, Callable[[], Any]], rounds: int, steps: int, offset: int, clock: Clock,
-    sync: Callable[[Any], Any],
+    sync: Callable[[Any], Any], settle: int = 0,
 ) -> Samples:
     """Interleaved rounds -> id -> (ratios, times, wall times, wall ratios), one entry per round."""
     ids = list(runs)
     out: Samples = {i: ([], [], [], []) for i in ids}
     for r in range(rounds):
         k = (offset + r) % len(ids)
-        both = {i: time_both(runs[i], steps, sync) for i in ids[k:] + ids[:k]}
+        both = {i: time_both(runs[i], steps, sync, settle) for i in ids[k:] + ids[:k]}
         judged = {i: both[i][0 if clock == "cpu" else 1] for i in ids}
         wall = {i: both[i][1] for i in ids}
         ratio, wall_ratio = _ratios(judged), _ratios(wall)
@@ -153,15 +157,19 @@ def measure(
     clock: Clock = "cpu",
     sync: Callable[[Any], Any] = block,
     on_attempt: Callable[[int, list[str]], None] | None = None,
+    settle: int = 0,
 ) -> dict[str, RatioTiming]:
     """Ratio timings for every run (all warmed up already), re-measuring noisy ones.
 
     A re-measurement times all candidates again (each ratio needs its round's normaliser)
-    but only the noisy candidates take the fresh numbers.
+    but only the noisy candidates take the fresh numbers. `settle`: untimed steps each
+    candidate runs in every round before its timed ones, so that what is timed is a step
+    following a step of the same program, as in training, not the first one after another
+    candidate ran.
     """
     if len(runs) < 2:
         raise ValueError("ratio timing needs at least two candidates")
-    first = _rounds(runs, rounds, steps, 0, clock, sync)
+    first = _rounds(runs, rounds, steps, 0, clock, sync, settle)
     result = {i: RatioTiming(*map(list, samples)) for i, samples in first.items()}
     for res in result.values():
         res.history_cv.append(res.cv)
@@ -171,7 +179,7 @@ def measure(
             break
         if on_attempt:
             on_attempt(attempt, noisy)
-        fresh = _rounds(runs, rounds, steps, attempt * rounds, clock, sync)
+        fresh = _rounds(runs, rounds, steps, attempt * rounds, clock, sync, settle)
         for i in noisy:
             res = result[i]
             res.ratios, res.times_s, res.wall_s, res.wall_ratios = map(list, fresh[i])
