@@ -441,6 +441,7 @@ def calibrate_tables(doc: dict):
                   f"{output.fmt_rate(host['first_touch_bandwidth'], 'B')} on scratch >= "
                   f"{output.fmt_bytes(host['map_threshold_bytes'])}")
         t.add_row("all-reduce output", "out of place" if host.get("all_reduce_out_of_place", True) else "in place")
+        t.add_row("autodiff residuals", "all kept (unfused)" if host.get("keeps_autodiff_residuals") else "fused count")
     t.add_row("hbm_bytes (per device)", output.fmt_bytes(p["hbm_bytes"]))
     for link in ("scale_up", "scale_out"):
         t.add_row(f"{link} bandwidth", output.fmt_rate(p[link]["bandwidth"], "B"))
