@@ -184,6 +184,14 @@ class CurvePoint(_Spec):
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak_flops at that size.")
 
 
+class RowsPoint(_Spec):
+    """One point of the per-expert row-count efficiency curve (HardwareProfile.matmul_rows_curve)."""
+
+    rows: PositiveFloat = Field(description="Rows of the product: tokens one expert holds on a device.")
+    efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak_flops of a forward + "
+                              "backward product with that many rows.")
+
+
 class SizeFactor(_Spec):
     """One point of a collective kind's time multiplier by buffer size (KindScale.by_size)."""
 
@@ -264,6 +272,15 @@ class HardwareProfile(_Spec):
         "given it replaces matmul_efficiency; between points the cost model interpolates in "
         "log(size), beyond the ends it holds the end value.",
     )
+    matmul_rows_curve: list[RowsPoint] | None = Field(
+        None,
+        description="Achieved fraction of peak of an expert's products by their row count (the "
+        "tokens one expert holds on a device), forward and backward, measured by `moeplan "
+        "calibrate`: an expert with few tokens multiplies a skinny [rows, M] by a full weight, "
+        "which runs far below a square product of the same FLOPs (8 CPU devices: 20 rows x "
+        "256 x 1024 at 8.5 GFLOP/s against 22 for the size curve). The expert FFN takes the "
+        "lower of this and matmul_curve; from the largest rows measured on, no limit.",
+    )
     hbm_bytes: PositiveFloat = Field(description="Device memory capacity in bytes.")
     hbm_bandwidth: PositiveFloat = Field(description="Device memory bandwidth in bytes/s.")
     memory_efficiency: float = Field(0.8, gt=0, le=1, description="Achievable fraction of HBM bandwidth.")
@@ -303,6 +320,10 @@ class HardwareProfile(_Spec):
             sizes = [p.size for p in self.matmul_curve]
             if not sizes or sizes != sorted(set(sizes)):
                 raise ValueError("matmul_curve needs at least one point, sizes strictly increasing")
+        if self.matmul_rows_curve is not None:
+            rows = [p.rows for p in self.matmul_rows_curve]
+            if not rows or rows != sorted(set(rows)):
+                raise ValueError("matmul_rows_curve needs at least one point, rows strictly increasing")
         return self
 
 

@@ -98,6 +98,8 @@ def test_calibrate_quick_writes_a_loadable_profile(tmp_path):
     assert {p["group"] for p in hw.measured["collectives"]} == {2, 8}  # quick: smallest and largest
     assert cal.written_by_calibrate(path)  # so a later calibrate may refresh it
     assert cal.residuals_per_layer(hw.measured) > cal.UNFUSED_CUT  # the CPU backend keeps all five
+    assert [p.rows for p in hw.matmul_rows_curve] == [16.0, 512.0]  # quick: the two ends
+    assert hw.matmul_rows_curve[0].efficiency < hw.matmul_rows_curve[1].efficiency  # skinny runs slower
 
 
 @pytest.fixture(scope="module")

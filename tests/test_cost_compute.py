@@ -285,3 +285,44 @@ def test_in_place_work_streams_at_the_inplace_bandwidth():
     train = TrainSpec(seq_len=4, global_batch=2)
     work = op_work(TINY, train, plans(Mesh(), train))
     assert work["optimizer_update"].in_place and not work["norms_residuals"].in_place
+
+
+WIDE8 = ModelSpec(d_model=1024, layers=1, heads=8, vocab=64, ffn_hidden=1024, gated=False,
+                  moe=MoESpec(num_experts=8, top_k=1, expert_hidden=1024, capacity_factor=1.0))
+
+
+def test_expert_ffn_rows_are_each_local_experts_tokens():
+    # T = 64 tokens, E = 8, K = 1, cf = 1 -> C = 8 slots per expert per routing group; after the
+    # all-to-all an expert holds x * C rows: 8 on expert=1, 32 on expert=4 (global batch x4)
+    for mesh, batch, rows in ((Mesh(), 1, 8), (Mesh(expert=4), 4, 32), (Mesh(expert=4, model=2), 4, 32)):
+        train = TrainSpec(seq_len=64, global_batch=batch)
+        work = op_work(WIDE8, train, plans(mesh, train))
+        assert float(work["expert_ffn"].rows[0] if np.ndim(work["expert_ffn"].rows) else work["expert_ffn"].rows) == rows
+        assert np.all(np.equal(work["dense_ffn"].rows, 0.0)) and np.all(np.equal(work["lm_head"].rows, 0.0))
+
+
+def test_rows_curve_caps_only_products_with_rows_below_its_last_point():
+    from moeplan.cost.compute import rows_efficiency
+    from moeplan.specs import RowsPoint
+
+    h = hw(peak=1e12, eff=0.5).model_copy(update={"matmul_rows_curve": [
+        RowsPoint(rows=16, efficiency=0.1), RowsPoint(rows=64, efficiency=0.3), RowsPoint(rows=256, efficiency=0.45)]})
+    assert rows_efficiency(h, 8.0) == pytest.approx(0.1)  # held below the first point
+    assert rows_efficiency(h, 32.0) == pytest.approx(0.2)  # halfway in log rows between 16 and 64
+    assert rows_efficiency(h, 256.0) == 1.0 and rows_efficiency(h, 4096.0) == 1.0  # no limit from the last on
+    flops = np.array([1e9])
+    skinny = Work(flops, np.array([1.0]), size=1e8, rows=32.0)
+    assert roofline_s(skinny, h)[0] == pytest.approx(1e9 / (1e12 * 0.2))  # min(0.5, 0.2)
+    wide = Work(flops, np.array([1.0]), size=1e8, rows=1024.0)
+    assert roofline_s(wide, h)[0] == pytest.approx(1e9 / (1e12 * 0.5))  # the size's own efficiency
+    plain = Work(flops, np.array([1.0]), size=1e8)  # no rows: not an expert product
+    assert roofline_s(plain, h)[0] == pytest.approx(1e9 / (1e12 * 0.5))
+    assert roofline_s(skinny, hw(peak=1e12, eff=0.5))[0] == pytest.approx(1e9 / (1e12 * 0.5))  # no curve: no cap
+
+
+def test_rows_curve_must_increase():
+    from moeplan.specs import RowsPoint
+
+    with pytest.raises(ValueError, match="rows strictly increasing"):
+        hw().model_validate({**hw().model_dump(), "matmul_rows_curve": [
+            RowsPoint(rows=64, efficiency=0.3).model_dump(), RowsPoint(rows=16, efficiency=0.1).model_dump()]})

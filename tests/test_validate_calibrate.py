@@ -371,3 +371,14 @@ def test_residual_probe_reads_five_hidden_buffers_a_layer_on_cpu():
     bench = mb.Bench(devices=jax.devices("cpu")[:1], dtype="float32", steps=1, warmup=0, sweep=cal.QUICK)
     kept = cal.residuals_per_layer({"residual_scratch": mb.residual_scratch(bench)})
     assert 4.5 <= kept <= 5.5  # h1, h3, sigmoid(h1), silu(h1), product (+ a few [T, M] rows)
+
+
+def test_rows_probe_becomes_the_rows_curve_over_the_matmul_peak():
+    raw = raw_record()  # matmul peak 8e9
+    raw["matmul_rows"] = [{"rows": 64, "k": 256, "n": 1024, "batch": 6, "time_s": 1e-2, "flops_per_s": 4e9},
+                          {"rows": 16, "k": 256, "n": 1024, "batch": 24, "time_s": 1e-2, "flops_per_s": 1e9}]
+    prof = cal.fit_profile(raw, name="cpu")
+    assert prof["matmul_rows_curve"] == [{"rows": 16.0, "efficiency": 0.125}, {"rows": 64.0, "efficiency": 0.5}]
+    hw = presets.build(presets.HardwareProfile, prof, "test")
+    assert [p.rows for p in hw.matmul_rows_curve] == [16.0, 64.0]
+    assert "matmul_rows_curve" not in cal.fit_profile(raw_record(), name="cpu")  # older records: none

@@ -64,6 +64,7 @@ class _Op(NamedTuple):
     flops: np.ndarray | float
     elems: np.ndarray | float  # elements read + written
     size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key)
+    rows: np.ndarray | float = 0.0  # rows of one expert's product (matmul_rows_curve key); 0: none
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Work:
     flops: np.ndarray
     bytes: np.ndarray  # HBM traffic: inputs + weights + outputs (compute dtype for matmuls)
     size: np.ndarray | float = 0.0  # FLOPs of one matrix product (matmul_curve key); 0: none
+    rows: np.ndarray | float = 0.0  # rows of one expert's product (matmul_rows_curve key); 0: none
     memory_only: bool = False  # no FLOPs at all: timed on the memory roofline alone
     in_place: bool = False  # writes into its inputs' buffers (donated state): hw.inplace_bandwidth
 
@@ -133,7 +135,9 @@ def _forward_per_layer(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.n
         slots_m = slots * inv_m
         out["router"] = _Op(t * (2.0 * dm * e), t * float(dm + e) + float(dm * e), t * (2.0 * dm * e))
         experts = slots * (f * dm) + inv_m / plans.expert * (f * e * dm * he) + slots_m * (f * he)
-        out["expert_ffn"] = _Op(slots_m * (2.0 * f * dm * he), experts, slots_m * (2.0 * dm * he / e) * plans.expert)
+        rows = slots / e * plans.expert  # x*C: each local expert's slots from every expert-axis rank
+        out["expert_ffn"] = _Op(slots_m * (2.0 * f * dm * he), experts, slots_m * (2.0 * dm * he / e) * plans.expert,
+                                rows)
         out["shared_experts"] = _ffn(t, tm, inv_m, dm, shared_hidden(model), f)
         # dispatch reads [T, M] and writes [E*C, M]; combine does the reverse
         out["moe_permute"] = _Op(0.0, (t + slots) * (2.0 * dm))
@@ -200,7 +204,7 @@ def op_work(
             k = k * expert_factor
         no_flops = np.isscalar(op.flops) and op.flops == 0.0
         work[name] = Work(_full(op.flops * k, zero), _full(op.elems * (elem_bytes.get(name, cb) * k), zero), op.size,
-                          memory_only=no_flops)
+                          op.rows, memory_only=no_flops)
     # the step donates its state, so Adam's outputs overwrite its inputs (validate/step.py)
     work["optimizer_update"] = Work(zero, optimizer_update_bytes(model, train, plans), memory_only=True,
                                     in_place=True)
@@ -237,8 +241,28 @@ def roofline_s(work: Work, hw: HardwareProfile) -> np.ndarray:
     mem_s = work.bytes / (rate * hw.memory_efficiency)
     if work.memory_only:
         return mem_s
-    flop_s = work.flops / (hw.peak_flops * matmul_efficiency(hw, work.size))
+    efficiency = matmul_efficiency(hw, work.size)
+    if hw.matmul_rows_curve is not None and not np.all(np.equal(work.rows, 0.0)):
+        efficiency = np.minimum(efficiency, rows_efficiency(hw, work.rows))
+    flop_s = work.flops / (hw.peak_flops * efficiency)
     return np.maximum(flop_s, mem_s)
+
+
+def rows_efficiency(hw: HardwareProfile, rows: np.ndarray | float) -> np.ndarray | float:
+    """Achieved fraction of peak of an expert's products with `rows` rows (matmul_rows_curve),
+    linear in log(rows) between the measured points, held below the first, and 1 (no limit
+    beyond the size curve) from the last on.
+
+    Why: per-expert batches are the MoE-specific way to starve a matmul. With few tokens per
+    expert the product is a skinny [rows, M] x [M, H] (and its transposes in backward), whose
+    rate falls with the row count at equal FLOPs: the size curve, measured on square-ish
+    shapes, priced wide-moe's data=8 experts (20 rows) at 0.47 of their isolated time.
+    """
+    curve = hw.matmul_rows_curve
+    xs = np.log([p.rows for p in curve])
+    ys = np.array([p.efficiency for p in curve])
+    r = np.log(np.maximum(rows, 1.0))
+    return np.where(r >= xs[-1], 1.0, np.interp(r, xs, ys))
 
 
 def matmul_efficiency(hw: HardwareProfile, size: np.ndarray | float) -> np.ndarray | float:

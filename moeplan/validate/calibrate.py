@@ -13,6 +13,9 @@ What each number is (also written into the YAML's header):
 - matmul_curve: each size's rate over that peak (sizes down to 64 x 16 x 64, the attention
   scores of a small model), so the cost model times a small product at the rate such
   products actually reach instead of at the peak of large ones.
+- matmul_rows_curve: forward + backward of [rows, 256] x [256, 1024] products for 8-512 rows
+  (the tokens one expert holds), each rate over the peak: an expert with few tokens runs
+  skinny products far below the size curve's square ones of equal FLOPs.
 - hbm_bandwidth: the harmonic mean of the per-device rates of an elementwise x+1 (bytes read
   + written) over the buffers of 4 to 64 MiB whose output did not page-fault, i.e. the rate
   at which equal bytes through each such size would stream. memory_efficiency is 1.0
@@ -80,6 +83,8 @@ class Sweep:
     """Buffer bytes per collective (traffic.py convention), from latency-bound messages up to
     the size of a small model's gradient all-reduce (small-moe's is 60 MB; on CPU the largest
     pay page faults on their fresh outputs, which the fits leave out: `without_faults`)."""
+    matmul_rows: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+    """Row counts of the expert-product probe (microbench.matmul_rows): tokens per expert."""
     repeat: int = 4
     """Collectives chained in one program, so the program launch is spread over them."""
     repeat_below: int = 1 * MIB
@@ -101,7 +106,7 @@ FULL = Sweep(
 # as a profile. Its matmul and copy are timed exactly as FULL's same points, so a quick run
 # later tells how far the host has drifted since a full one (benchmarks/bench_accuracy.py).
 QUICK = Sweep(matmul_shapes=((256, 256, 256),), copy_bytes=(4 * MIB,),
-              collective_bytes=(16 * 1024, 1 * MIB), repeat=2, all_groups=False)
+              collective_bytes=(16 * 1024, 1 * MIB), matmul_rows=(16, 512), repeat=2, all_groups=False)
 
 
 # ---- fitting (pure numpy, tested on synthetic timings) ------------------------------------
@@ -190,6 +195,12 @@ def matmul_curve(points: list[dict]) -> list[dict]:
     for p in points:
         by_size.setdefault(2.0 * p["m"] * p["k"] * p["n"], []).append(p["flops_per_s"])
     return [{"size": size, "efficiency": float(np.mean(rates)) / peak} for size, rates in sorted(by_size.items())]
+
+
+def matmul_rows_curve(points: list[dict], peak: float) -> list[dict]:
+    """Achieved fraction of the peak per expert row count, rows ascending (rows probe)."""
+    return [{"rows": float(p["rows"]), "efficiency": min(1.0, p["flops_per_s"] / peak)}
+            for p in sorted(points, key=lambda p: p["rows"])]
 
 
 def copy_bandwidth(points: list[dict]) -> float:
@@ -372,6 +383,8 @@ def fit_profile(raw: dict, *, name: str) -> dict:
         "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
         "matmul_efficiency": 1.0,
         "matmul_curve": matmul_curve(raw["matmul"]),
+        **({"matmul_rows_curve": matmul_rows_curve(raw["matmul_rows"], max(p["flops_per_s"] for p in raw["matmul"]))}
+           if raw.get("matmul_rows") else {}),
         "hbm_bytes": float(dev["memory_bytes"]),
         "hbm_bandwidth": stream_bandwidth(raw["copy"], first_touch),
         "memory_efficiency": 1.0,
@@ -397,6 +410,7 @@ def fit_profile(raw: dict, *, name: str) -> dict:
             "links": {k: v.record() for k, v in links.items()},
             "collective_fit_by_kind": per_kind,
             "matmul": raw["matmul"],
+            "matmul_rows": raw.get("matmul_rows"),
             "copy": raw["copy"],
             "copy_in_place": in_place,
             "collectives": raw["collectives"],
@@ -452,6 +466,8 @@ def header(profile: dict) -> str:
         f"x{dev['count']} in {dev['processes']} process(es)   dtype: {m['dtype']}",
         "# peak_flops: best per-device rate of batched matmuls, all devices at once "
         "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
+        *(["# matmul_rows_curve: forward + backward rate of [rows, 256] x [256, 1024] per row count / peak "
+           "(an expert's tokens; the expert FFN takes the lower of the two curves)"] if m.get("matmul_rows") else []),
         "# hbm_bandwidth: harmonic mean of the per-device rates of x+1 over buffers of "
         + ", ".join(f"{p['bytes_per_device'] // MIB} MiB" for p in copies) + " (read + write bytes)"
         + ("; the sizes that page-faulted their output are priced by host_memory" if priced else ""),
@@ -537,8 +553,8 @@ def calibrate_task(payload: dict, devices: list, emit: Callable[[dict], None]) -
         result = job()
         if section in ("overlap", "reduce_scratch", "residual_scratch"):
             raw[section] = result
-        elif section == "matmul":
-            raw[section].extend(result)  # the sweep times every shape in interleaved rounds
+        elif section in ("matmul", "matmul_rows"):
+            raw.setdefault(section, []).extend(result)  # each sweep times its shapes in interleaved rounds
         else:
             raw[section].append(result)
     raw["device"] = mb.describe(devices)

@@ -55,6 +55,8 @@ def job_list(b: Bench) -> list[Job]:
     """Every benchmark as (section, label, thunk), in a fixed order."""
     jobs: list[Job] = []
     jobs.append(("matmul", f"{len(b.sweep.matmul_shapes)} matmul shapes", partial(matmul_sweep, b)))
+    if b.sweep.matmul_rows:
+        jobs.append(("matmul_rows", f"{len(b.sweep.matmul_rows)} expert row counts", partial(matmul_rows, b)))
     for section, in_place in (("copy", False), ("copy_in_place", True)):
         for nbytes in b.sweep.copy_bytes:
             label = f"{'in-place ' if in_place else ''}copy {nbytes // cal.MIB} MiB"
@@ -159,17 +161,52 @@ def matmul_sweep(b: Bench) -> list[dict]:
     all shapes alike, and more rounds average it."""
     shapes = list(b.sweep.matmul_shapes)
     programs = [_matmul_program(b, m, k, n) for m, k, n in shapes]
-    for run, _ in programs:
-        time_steps(run, steps=1, warmup=b.warmup)
-    times: list[list[float]] = [[] for _ in programs]
-    for _ in range(MATMUL_ROUNDS):
-        for i, (run, _) in enumerate(programs):
-            times[i].append(time_steps(run, steps=b.steps, warmup=0).median_s)
     out = []
-    for (m, k, n), (_, r), ts in zip(shapes, programs, times):
-        t = median(ts)
+    for (m, k, n), (_, r), t in zip(shapes, programs, _interleaved(b, [run for run, _ in programs])):
         out.append({"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 2 * r * m * k * n / t})
     return out
+
+
+def matmul_rows(b: Bench) -> list[dict]:
+    """Forward + backward of a batched [rows, K] x [K, N] product (x and weight gradients:
+    three products of 2 rows K N FLOPs) for each row count of the sweep, K x N fixed
+    (ROWS_KN), timed like matmul_sweep. An expert holding few tokens runs exactly these
+    skinny products (HardwareProfile.matmul_rows_curve)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    mesh, nd = flat_mesh(b), len(b.devices)
+    k, n = ROWS_KN
+    loss = lambda x, w: jnp.sum(jnp.einsum("rmk,rkn->rmn", x, w) ** 2)  # noqa: E731
+    grad = jax.grad(loss, argnums=(0, 1))
+    fn = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P("d"))))
+    runs, batches = [], []
+    for rows in b.sweep.matmul_rows:
+        r = max(1, round(b.sweep.matmul_flops_per_call / (2 * rows * k * n)))
+        x = _random(mesh, P("d"), (nd * r, rows, k), b.dtype, 0)
+        w = _random(mesh, P("d"), (nd * r, k, n), b.dtype, 1)
+        runs.append(partial(fn, x, w))
+        batches.append(r)
+    out = []
+    for rows, r, t in zip(b.sweep.matmul_rows, batches, _interleaved(b, runs)):
+        out.append({"rows": rows, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 3 * 2 * r * rows * k * n / t})
+    return out
+
+
+ROWS_KN = (256, 1024)  # K x N of the rows probe: an expert's d_model x hidden in the validation shapes
+
+
+def _interleaved(b: Bench, runs: list[Callable[[], Any]]) -> list[float]:
+    """Each run warmed up, then all timed in MATMUL_ROUNDS interleaved rounds of `steps`
+    calls; per run the median of its per-round medians."""
+    for run in runs:
+        time_steps(run, steps=1, warmup=b.warmup)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(MATMUL_ROUNDS):
+        for i, run in enumerate(runs):
+            times[i].append(time_steps(run, steps=b.steps, warmup=0).median_s)
+    return [median(ts) for ts in times]
 
 
 def copy(b: Bench, nbytes: int, in_place: bool = False) -> dict:
