@@ -7,9 +7,10 @@ is how the step runs: simulated CPU devices share the host's cores, real ones sh
 link, and a figure taken on one idle device would be optimistic for both.
 
 What each number is (also written into the YAML's header):
-- peak_flops: the best per-device rate over a sweep of batched [m,k]x[k,n] matmuls
-  (2mkn FLOPs each) in the compute dtype. It is an *achieved* peak, so matmul_efficiency
-  is 1.0; the whole sweep is kept under `measured.matmul`.
+- peak_flops: the best per-device rate over a sweep of batched [m,k]x[k,n] matmuls in the
+  compute dtype, each run forward and backward as a training step runs it (input and weight
+  gradients: 3 x 2mkn FLOPs). It is an *achieved* peak, so matmul_efficiency is 1.0; the
+  whole sweep is kept under `measured.matmul`.
 - matmul_curve: each size's rate over that peak (sizes down to 64 x 16 x 64, the attention
   scores of a small model), so the cost model times a small product at the rate such
   products actually reach instead of at the peak of large ones.
@@ -464,7 +465,7 @@ def header(profile: dict) -> str:
         MARKER,
         f"# date: {m['date']}   jax {dev['jax']}   device: {dev['kind']} ({dev['platform']}) "
         f"x{dev['count']} in {dev['processes']} process(es)   dtype: {m['dtype']}",
-        "# peak_flops: best per-device rate of batched matmuls, all devices at once "
+        "# peak_flops: best per-device rate of batched matmuls run forward + backward, all devices at once "
         "(achieved peak; matmul_efficiency 1.0); matmul_curve: mean rate per size / peak",
         *(["# matmul_rows_curve: forward + backward rate of [rows, 256] x [256, 1024] per row count / peak "
            "(an expert's tokens; the expert FFN takes the lower of the two curves)"] if m.get("matmul_rows") else []),

@@ -133,20 +133,29 @@ def itemsize(dtype: str) -> int:
     return int(np.dtype(dtype).itemsize) if dtype != "bfloat16" else 2
 
 
-def _matmul_program(b: Bench, m: int, k: int, n: int) -> tuple[Callable[[], Any], int]:
-    """(call, batch r): per-device batched [r,m,k] x [r,k,n], r chosen so one call does
-    about `matmul_flops_per_call` FLOPs (small shapes are batched up to it)."""
+def _product_program(b: Bench, m: int, k: int, n: int) -> tuple[Callable[[], Any], int]:
+    """(call, batch r): per device, forward and backward of a batched [r,m,k] x [r,k,n]
+    product, r chosen so one call does about `matmul_flops_per_call` FLOPs (small shapes are
+    batched up to it). Backward is the input gradient [m,n] x [n,k] and the weight gradient
+    [k,m] x [m,n]: three products of 2mkn FLOPs each (PRODUCTS_PER_CALL), as every matmul of a
+    training step runs (compute.passes: 1 forward + 2 backward). Timed forward-only, the same
+    shapes ran 1.0-1.3x as fast (8 CPU devices, 2026-12-02: 512 x 256 x 1024 at 36.3 GFLOP/s
+    forward, 32.2 forward + backward), which read the host fast for every matmul class."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
     mesh, nd = flat_mesh(b), len(b.devices)
-    r = max(1, round(b.sweep.matmul_flops_per_call / (2 * m * k * n)))
+    r = max(1, round(b.sweep.matmul_flops_per_call / (PRODUCTS_PER_CALL * 2 * m * k * n)))
     x = _random(mesh, P("d"), (nd * r, m, k), b.dtype, 0)
     w = _random(mesh, P("d"), (nd * r, k, n), b.dtype, 1)
-    body = lambda x, w: jnp.einsum("rmk,rkn->rmn", x, w)  # noqa: E731
-    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+    loss = lambda x, w: jnp.sum(jnp.einsum("rmk,rkn->rmn", x, w) ** 2)  # noqa: E731
+    grad = jax.grad(loss, argnums=(0, 1))
+    fn = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P("d"))))
     return (lambda: fn(x, w)), r
+
+
+PRODUCTS_PER_CALL = 3  # forward, input gradient, weight gradient
 
 
 MATMUL_ROUNDS = 7
@@ -160,37 +169,24 @@ def matmul_sweep(b: Bench) -> list[dict]:
     and the matmul curve prices every small product of a step; interleaving makes drift hit
     all shapes alike, and more rounds average it."""
     shapes = list(b.sweep.matmul_shapes)
-    programs = [_matmul_program(b, m, k, n) for m, k, n in shapes]
+    programs = [_product_program(b, m, k, n) for m, k, n in shapes]
     out = []
     for (m, k, n), (_, r), t in zip(shapes, programs, _interleaved(b, [run for run, _ in programs])):
-        out.append({"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 2 * r * m * k * n / t})
+        flops = PRODUCTS_PER_CALL * 2 * r * m * k * n
+        out.append({"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": flops / t})
     return out
 
 
 def matmul_rows(b: Bench) -> list[dict]:
-    """Forward + backward of a batched [rows, K] x [K, N] product (x and weight gradients:
-    three products of 2 rows K N FLOPs) for each row count of the sweep, K x N fixed
-    (ROWS_KN), timed like matmul_sweep. An expert holding few tokens runs exactly these
-    skinny products (HardwareProfile.matmul_rows_curve)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    mesh, nd = flat_mesh(b), len(b.devices)
+    """Forward + backward of [rows, K] x [K, N] products (K x N fixed: ROWS_KN) for each row
+    count of the sweep, timed like matmul_sweep. An expert holding few tokens runs exactly
+    these skinny products (HardwareProfile.matmul_rows_curve)."""
     k, n = ROWS_KN
-    loss = lambda x, w: jnp.sum(jnp.einsum("rmk,rkn->rmn", x, w) ** 2)  # noqa: E731
-    grad = jax.grad(loss, argnums=(0, 1))
-    fn = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P("d"))))
-    runs, batches = [], []
-    for rows in b.sweep.matmul_rows:
-        r = max(1, round(b.sweep.matmul_flops_per_call / (2 * rows * k * n)))
-        x = _random(mesh, P("d"), (nd * r, rows, k), b.dtype, 0)
-        w = _random(mesh, P("d"), (nd * r, k, n), b.dtype, 1)
-        runs.append(partial(fn, x, w))
-        batches.append(r)
+    programs = [_product_program(b, rows, k, n) for rows in b.sweep.matmul_rows]
     out = []
-    for rows, r, t in zip(b.sweep.matmul_rows, batches, _interleaved(b, runs)):
-        out.append({"rows": rows, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": 3 * 2 * r * rows * k * n / t})
+    for rows, (_, r), t in zip(b.sweep.matmul_rows, programs, _interleaved(b, [run for run, _ in programs])):
+        flops = PRODUCTS_PER_CALL * 2 * r * rows * k * n
+        out.append({"rows": rows, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": flops / t})
     return out
 
 
