@@ -379,13 +379,13 @@ def fit_profile(raw: dict, *, name: str) -> dict:
                 if len(pts := [p for p in collectives if p["kind"] == k and p["link"] == "scale_up"]) >= 2}
     ov = raw["overlap"]
     scale = collective_scale(links["scale_up"], per_kind, size_factors(collectives, per_kind))
+    peak = max(p["flops_per_s"] for p in raw["matmul"])
     return {
         "name": name,
-        "peak_flops": max(p["flops_per_s"] for p in raw["matmul"]),
+        "peak_flops": peak,
         "matmul_efficiency": 1.0,
         "matmul_curve": matmul_curve(raw["matmul"]),
-        **({"matmul_rows_curve": matmul_rows_curve(raw["matmul_rows"], max(p["flops_per_s"] for p in raw["matmul"]))}
-           if raw.get("matmul_rows") else {}),
+        **({"matmul_rows_curve": matmul_rows_curve(raw["matmul_rows"], peak)} if raw.get("matmul_rows") else {}),
         "hbm_bytes": float(dev["memory_bytes"]),
         "hbm_bandwidth": stream_bandwidth(raw["copy"], first_touch),
         "memory_efficiency": 1.0,

@@ -168,13 +168,7 @@ def matmul_sweep(b: Bench) -> list[dict]:
     an hour apart on a shared 2-core host (128^3 at 9.1-15.9 GFLOP/s, 512^3 at 12.2-20.0),
     and the matmul curve prices every small product of a step; interleaving makes drift hit
     all shapes alike, and more rounds average it."""
-    shapes = list(b.sweep.matmul_shapes)
-    programs = [_product_program(b, m, k, n) for m, k, n in shapes]
-    out = []
-    for (m, k, n), (_, r), t in zip(shapes, programs, _interleaved(b, [run for run, _ in programs])):
-        flops = PRODUCTS_PER_CALL * 2 * r * m * k * n
-        out.append({"m": m, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": flops / t})
-    return out
+    return [{"m": m, "k": k, "n": n, **timing} for (m, k, n), timing in _product_rates(b, b.sweep.matmul_shapes)]
 
 
 def matmul_rows(b: Bench) -> list[dict]:
@@ -182,27 +176,30 @@ def matmul_rows(b: Bench) -> list[dict]:
     count of the sweep, timed like matmul_sweep. An expert holding few tokens runs exactly
     these skinny products (HardwareProfile.matmul_rows_curve)."""
     k, n = ROWS_KN
-    programs = [_product_program(b, rows, k, n) for rows in b.sweep.matmul_rows]
-    out = []
-    for rows, (_, r), t in zip(b.sweep.matmul_rows, programs, _interleaved(b, [run for run, _ in programs])):
-        flops = PRODUCTS_PER_CALL * 2 * r * rows * k * n
-        out.append({"rows": rows, "k": k, "n": n, "batch": r, "time_s": t, "flops_per_s": flops / t})
-    return out
+    shapes = [(rows, k, n) for rows in b.sweep.matmul_rows]
+    return [{"rows": m, "k": k, "n": n, **timing} for (m, k, n), timing in _product_rates(b, shapes)]
 
 
 ROWS_KN = (256, 1024)  # K x N of the rows probe: an expert's d_model x hidden in the validation shapes
 
 
-def _interleaved(b: Bench, runs: list[Callable[[], Any]]) -> list[float]:
-    """Each run warmed up, then all timed in MATMUL_ROUNDS interleaved rounds of `steps`
-    calls; per run the median of its per-round medians."""
-    for run in runs:
+def _product_rates(b: Bench, shapes) -> list[tuple[tuple[int, int, int], dict]]:
+    """Each shape's product program (_product_program) warmed up, then all timed in
+    MATMUL_ROUNDS interleaved rounds of `steps` calls: per shape its batch, the median of its
+    per-round medians and the FLOP rate that gives."""
+    shapes = list(shapes)
+    programs = [_product_program(b, m, k, n) for m, k, n in shapes]
+    for run, _ in programs:
         time_steps(run, steps=1, warmup=b.warmup)
-    times: list[list[float]] = [[] for _ in runs]
+    times: list[list[float]] = [[] for _ in programs]
     for _ in range(MATMUL_ROUNDS):
-        for i, run in enumerate(runs):
+        for i, (run, _) in enumerate(programs):
             times[i].append(time_steps(run, steps=b.steps, warmup=0).median_s)
-    return [median(ts) for ts in times]
+    out = []
+    for (m, k, n), (_, r), ts in zip(shapes, programs, times):
+        t = median(ts)
+        out.append(((m, k, n), {"batch": r, "time_s": t, "flops_per_s": PRODUCTS_PER_CALL * 2 * r * m * k * n / t}))
+    return out
 
 
 def copy(b: Bench, nbytes: int, in_place: bool = False) -> dict:
@@ -292,9 +289,13 @@ def reduce_scratch(b: Bench) -> dict:
     x = _random(mesh, P("d"), (nd * (nbytes // itemsize(b.dtype)),), b.dtype, 7)
     body = lambda x: x + jax.lax.psum(x * 2, "d")  # noqa: E731
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")), donate_argnums=0)
-    mem = fn.lower(x).compile().memory_analysis()
-    temp = float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
-    return {"buffer_bytes": nbytes, "temp_bytes": temp}
+    return {"buffer_bytes": nbytes, "temp_bytes": _temp_bytes(fn.lower(x).compile())}
+
+
+def _temp_bytes(compiled) -> float:
+    """XLA's planned scratch (memory_analysis temp_size) of a compiled program; 0 if unknown."""
+    mem = compiled.memory_analysis()
+    return float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
 
 
 RESIDUAL_SHAPE = (1024, 64, 1024)  # tokens T, width M, hidden H: [T, H] buffers dominate
@@ -326,8 +327,7 @@ def residual_scratch(b: Bench) -> dict:
     w = (spec(m), spec(m, h), spec(m, h), spec(h, m))
 
     def temp(layers: int) -> float:
-        mem = jax.jit(jax.grad(loss)).lower([w] * layers, spec(t, m)).compile().memory_analysis()
-        return float(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0.0
+        return _temp_bytes(jax.jit(jax.grad(loss)).lower([w] * layers, spec(t, m)).compile())
 
     return {"hidden_bytes": t * h * dt.itemsize, "temp_per_layer_bytes": (temp(3) - temp(1)) / 2}
 
