@@ -89,26 +89,28 @@ def merged_calibration(before: dict, after: dict) -> dict:
     Still micro-benchmarks only: no step timing enters it."""
     a, b = before["measured"], after["measured"]
 
-    def mean_points(xs: list[dict], ys: list[dict], rate: str | None, work) -> list[dict]:
+    def mean_points(xs: list[dict] | None, ys: list[dict] | None, rate: str | None = None) -> list[dict]:
+        """Each point at the geometric mean of its two times; its rate rescaled from the first
+        timing's work (rate x time), so no benchmark's work formula is restated here."""
         out = []
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs or [], ys or []):
             point = {**x, "time_s": (x["time_s"] * y["time_s"]) ** 0.5}
             if rate:
-                point[rate] = work(x) / point["time_s"]
+                point[rate] = x[rate] * x["time_s"] / point["time_s"]
             if "fault_bytes" in x:
                 point["fault_bytes"] = ((x["fault_bytes"] or 0.0) + (y.get("fault_bytes") or 0.0)) / 2
             out.append(point)
         return out
 
     raw = {
-        "matmul": mean_points(a["matmul"], b["matmul"], "flops_per_s",
-                              lambda p: 2 * p["batch"] * p["m"] * p["k"] * p["n"]),
-        "copy": mean_points(a["copy"], b["copy"], "bytes_per_s", lambda p: 2 * p["bytes_per_device"]),
-        "copy_in_place": mean_points(a.get("copy_in_place") or [], b.get("copy_in_place") or [], "bytes_per_s",
-                                     lambda p: 2 * p["bytes_per_device"]),
-        "collectives": mean_points(a["collectives"], b["collectives"], None, None),
+        "matmul": mean_points(a["matmul"], b["matmul"], "flops_per_s"),
+        "matmul_rows": mean_points(a.get("matmul_rows"), b.get("matmul_rows"), "flops_per_s"),
+        "copy": mean_points(a["copy"], b["copy"], "bytes_per_s"),
+        "copy_in_place": mean_points(a.get("copy_in_place"), b.get("copy_in_place"), "bytes_per_s"),
+        "collectives": mean_points(a["collectives"], b["collectives"]),
         "overlap": {k: ((v * b["overlap"][k]) ** 0.5 if k.endswith("_s") else v) for k, v in a["overlap"].items()},
         "reduce_scratch": a.get("reduce_scratch"),
+        "residual_scratch": a.get("residual_scratch"),  # compile-only probes: the same both times
         "device": a["device"], "dtype": a["dtype"], "sweep": a.get("sweep", "full"),
         "date": f"{a['date']} and {b['date']} (geometric mean)",
     }
