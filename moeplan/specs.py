@@ -316,14 +316,11 @@ class HardwareProfile(_Spec):
         if self.topology == "torus":
             if not self.torus_dims:
                 raise ValueError("topology torus needs torus_dims")
-        if self.matmul_curve is not None:
-            sizes = [p.size for p in self.matmul_curve]
-            if not sizes or sizes != sorted(set(sizes)):
-                raise ValueError("matmul_curve needs at least one point, sizes strictly increasing")
-        if self.matmul_rows_curve is not None:
-            rows = [p.rows for p in self.matmul_rows_curve]
-            if not rows or rows != sorted(set(rows)):
-                raise ValueError("matmul_rows_curve needs at least one point, rows strictly increasing")
+        for name, key, plural in (("matmul_curve", "size", "sizes"), ("matmul_rows_curve", "rows", "rows")):
+            curve = getattr(self, name)
+            keys = [getattr(p, key) for p in curve] if curve is not None else None
+            if keys is not None and (not keys or keys != sorted(set(keys))):
+                raise ValueError(f"{name} needs at least one point, {plural} strictly increasing")
         return self
 
 

@@ -259,10 +259,13 @@ def rows_efficiency(hw: HardwareProfile, rows: np.ndarray | float) -> np.ndarray
     shapes, priced wide-moe's data=8 experts (20 rows) at 0.47 of their isolated time.
     """
     curve = hw.matmul_rows_curve
-    xs = np.log([p.rows for p in curve])
-    ys = np.array([p.efficiency for p in curve])
-    r = np.log(np.maximum(rows, 1.0))
-    return np.where(r >= xs[-1], 1.0, np.interp(r, xs, ys))
+    keys = [p.rows for p in curve]
+    return np.where(np.maximum(rows, 1.0) >= keys[-1], 1.0, _log_interp(rows, keys, [p.efficiency for p in curve]))
+
+
+def _log_interp(x: np.ndarray | float, keys: list[float], values: list[float]) -> np.ndarray | float:
+    """A measured curve read at x: linear in log(x) between its keys, flat beyond its ends."""
+    return np.interp(np.log(np.maximum(x, 1.0)), np.log(keys), np.array(values))
 
 
 def matmul_efficiency(hw: HardwareProfile, size: np.ndarray | float) -> np.ndarray | float:
@@ -276,9 +279,7 @@ def matmul_efficiency(hw: HardwareProfile, size: np.ndarray | float) -> np.ndarr
     curve = hw.matmul_curve
     if curve is None or np.all(np.equal(size, 0.0)):
         return hw.matmul_efficiency
-    xs = np.log([p.size for p in curve])
-    ys = np.array([p.efficiency for p in curve])
-    return np.interp(np.log(np.maximum(size, 1.0)), xs, ys)
+    return _log_interp(size, [p.size for p in curve], [p.efficiency for p in curve])
 
 
 def matmul_params(model: ModelSpec) -> tuple[float, float]:

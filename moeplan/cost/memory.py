@@ -113,19 +113,19 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
     if unfused and model.gated:
         f = UNFUSED_GATED_HIDDEN
     # block input and norm output, [T, M] each; unfused: the norm's normalised input too
-    two_tm = t * ((3.0 if unfused else 2.0) * dm * cb)
+    block_tm = t * ((3.0 if unfused else 2.0) * dm * cb)
     parts = {
-        "attention": two_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
+        "attention": block_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
         # the step keeps the float32 softmax output and its compute-dtype cast for AV
         "scores": tm * float(train.seq_len * model.heads * (SOFTMAX_BYTES + cb)),
-        "dense_ffn": two_tm + tm * float(f * model.ffn_hidden * cb),
+        "dense_ffn": block_tm + tm * float(f * model.ffn_hidden * cb),
         "moe_block": 0.0,
         "moe_buffers": 0.0,
     }
     moe = model.moe
     if moe is not None:
         slots = moe.num_experts * capacity(model, t)
-        parts["moe_block"] = two_tm + tm * float(f * shared_hidden(model) * cb) + t * (moe.num_experts * 8.0)
+        parts["moe_block"] = block_tm + tm * float(f * shared_hidden(model) * cb) + t * (moe.num_experts * 8.0)
         parts["moe_buffers"] = slots * float(2 * dm * cb) + slots / plans.model * float(f * moe.expert_hidden * cb)
     return parts
 
