@@ -23,7 +23,7 @@ measured, ranked by each term's share of the summed miss: which term carries the
 
 Usage: python benchmarks/bench_accuracy.py [--hardware FILE] [--devices 8] [--steps 10]
        [--warmup 3] [--seq-len 64] [--batch 16] [--models tiny-moe,small-moe,wide-moe]
-       [--routing SPEC] [--rounds N] [--breakdown] [--bracket] [-o out.json]
+       [--routing SPEC] [--rounds N] [--isolate] [--breakdown] [--bracket] [-o out.json]
 
 At the end a quick calibration re-times one matmul and one in-place copy and prints their
 rates over the calibration's (host drift: the absolute error moves with it, the scale-free
@@ -219,6 +219,34 @@ def scale_free_line(reports: dict) -> str:
     return (f"scale-free median |err| (diagnostic): {', '.join(parts)}; all {statistics.median(pooled) * 100:.1f}%")
 
 
+def fault_line(reports: dict, hw) -> str:
+    """Diagnostic, no target: how much of the step-time miss is the first-touch term's
+    faulted-bytes miss. Each candidate's predicted step is re-priced with the faulted bytes
+    it measured (at the profile's first_touch_bandwidth) in place of the predicted ones; the
+    median |err| of those re-priced steps is what the rest of the model scores. Whether a
+    scratch block between 32 and 64 MiB is paged in afresh depends on the free regions other
+    candidates left in glibc's arenas (docs/validation.md), which no per-plan model can see."""
+    host = getattr(hw, "host_memory", None)
+    rate = getattr(host, "first_touch_bandwidth", None)
+    if not rate:
+        return "fault term: the profile has no host_memory (no first-touch term to check)"
+    errs, gap_s, n = [], 0.0, 0
+    for report in reports.values():
+        for c in report.comparisons:
+            faults = c.first_touch_bytes
+            if not faults:
+                continue
+            delta = (faults["measured"] - faults["predicted"]) / rate
+            gap_s += abs(delta)
+            n += int(abs(faults["measured"] - faults["predicted"]) > 4 * 2**20)
+            errs.append(abs((c.predicted_row["step_time_s"] + delta) / c.measured.step_time_s - 1))
+    if not errs:
+        return "fault term: no candidate counted its page faults"
+    return (f"fault term (diagnostic): predicted and counted faulted bytes differ by over 4 MiB on {n}/{len(errs)} "
+            f"candidates, {gap_s * 1e3:.0f} ms of predicted step time in all; with the counted faults priced "
+            f"in place of the predicted, median |err| {statistics.median(errs) * 100:.1f}%")
+
+
 def term_lines(comparisons: list) -> list[str]:
     """Step time by cost term over every traced candidate: predicted and measured seconds
     summed, the median measured/predicted ratio, and the term's share of the summed miss
@@ -290,6 +318,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--routing", help="drive the router to this law (uniform, zipf:S, hist:FILE)")
     ap.add_argument("--rounds", type=int, default=1, help="time the meshes in N interleaved rounds")
+    ap.add_argument("--isolate", action="store_true",
+                    help="with --rounds: each mesh in a process of its own (`moeplan profile --isolate`)")
     ap.add_argument("--breakdown", action="store_true",
                     help=f"also trace {term_times.TRACED_STEPS} steps per mesh and print the step time by "
                     "cost term, pooled")
@@ -313,7 +343,7 @@ def main() -> None:
         meshes = prof.candidate_meshes(model, train, hw, args.devices)
         routing = bal.parse_routing(args.routing) if args.routing else None
         req = prof.ProfileRequest(model, train, hw, meshes, args.devices, steps=args.steps, warmup=args.warmup,
-                                  routing=routing, rounds=args.rounds,
+                                  routing=routing, rounds=args.rounds, isolate=args.isolate,
                                   breakdown=term_times.TRACED_STEPS if args.breakdown else 0)
         t0 = time.perf_counter()
         report = prof.run_profile(req)
@@ -346,6 +376,7 @@ def main() -> None:
     print("targets: median |err| <= 10%, Spearman >= 0.9, top-1 regret <= 5%, FLOPs <= 5%, memory <= 10%, "
           "comm bytes exact")
     print(scale_free_line(reports))
+    print(fault_line(reports, hw))
     print(drift_line(hw, args.devices), flush=True)
     if args.bracket and not args.hardware:
         print("\n".join(bracket_lines(hw, reports, inputs, args)), flush=True)

@@ -230,7 +230,7 @@ class HostMemory(_Spec):
     threshold with fresh pages from the kernel, which fault on first touch every step
     (measured on 8 simulated devices: page faults per step equal to the scratch block when it
     is over 32 MiB, none below; moeplan pins glibc's thresholds while simulated devices run,
-    validate/host_allocator.py, so that rule holds whatever ran before). It also describes
+    validate/host_allocator.py, so that rule holds for a process running one program). It also describes
     what XLA's CPU backend keeps in memory where a device compiler fuses (the out-of-place
     all-reduce, the unfused autodiff residuals). Accelerators keep a pooled allocator and a
     fusing compiler: vendor presets leave this unset.

@@ -7,6 +7,7 @@ in this process; `--processes 2` and the 16-device probe start child interpreter
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -133,17 +134,21 @@ def test_profile_json_on_tiny_moe(single_process):
 
 @pytest.mark.slow
 def test_profile_rounds_times_two_meshes_interleaved(single_process):
-    """--rounds 2: both meshes compiled first, then timed in 2 rounds; same bytes as alone."""
+    """--rounds 2 --isolate: both meshes compiled first (each in its own process), then timed in
+    2 rounds; same bytes as alone."""
     other = "data=2,expert=4,model=1"
-    result = runner.invoke(app, [*PROFILE, "--mesh", other, "--rounds", "2"])
+    result = runner.invoke(app, [*PROFILE, "--mesh", other, "--rounds", "2", "--isolate"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["rounds"] == 2 and [r["mesh"] for r in doc["results"]] == [MESH, other]
+    assert doc["rounds"] == 2 and doc["isolate"] is True and [r["mesh"] for r in doc["results"]] == [MESH, other]
     for r in doc["results"]:
         assert r["error"] is None and len(r["measured"]["step_times_s"]) == 2  # a median per round
         assert all(r["comparison"]["comm_bytes_match"].values())
     alone = single_process[0]["results"][0]["measured"]["comm_bytes_per_device"]
     assert doc["results"][0]["measured"]["comm_bytes_per_device"] == alone
+    # simulated CPU devices: each candidate ran in a worker process of its own
+    pids = {r["measured"]["worker_pid"] for r in doc["results"]}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 @pytest.mark.slow

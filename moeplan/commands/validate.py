@@ -101,6 +101,10 @@ def profile_cmd(
     rounds: Annotated[int, typer.Option(
         "--rounds", help="Time all meshes in N interleaved rounds of steps/N steps (after compiling all), so "
         "load that drifts during the run hits every mesh alike; 1: one mesh after another.")] = 1,
+    isolate: Annotated[bool, typer.Option(
+        "--isolate", help="With --rounds on simulated CPU devices: run each mesh in a process of its own, as "
+        "a training job runs (its own C heap, so a large scratch block is paged in every step as the "
+        "cost model's first-touch term says); short steps then time noisier.")] = False,
     train_file: Annotated[Optional[str], typer.Option("--train", help="TrainSpec YAML (options below override it).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help=f"Tokens per sequence (default {DEFAULT_SEQ_LEN}).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", help=f"Global batch in sequences (default {DEFAULT_BATCH}).")] = None,
@@ -175,7 +179,7 @@ def profile_cmd(
     meshes = prof.candidate_meshes(model, train, hw, ident["count"], mesh, top)
     req = prof.ProfileRequest(model, train, hw, meshes, ident["count"], processes, steps, warmup, cluster,
                               routing=spec, learning_rate=learning_rate, rounds=rounds,
-                              breakdown=TRACED_STEPS if breakdown else 0)
+                              breakdown=TRACED_STEPS if breakdown else 0, isolate=isolate)
     with Progress("profiling", _progress_enabled(quiet)) as bar:
         report = prof.run_profile(req, on_event=bar)
     report.notes.append(source)

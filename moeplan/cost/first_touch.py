@@ -13,7 +13,9 @@ Left to itself glibc adapts its thresholds as a process runs and trims its arena
 process's history moved the count (a 26 MiB block faulted 0-13 MiB a step; wide-moe's 18 MB
 block all of it in a fresh process, 2 MiB after twenty other meshes). moeplan therefore pins
 both thresholds while simulated devices run (validate/host_allocator.py), which makes the
-cliff below the allocator's actual rule; `profile` counts the faults to check it.
+cliff below the allocator's actual rule for a process running one program; candidates
+interleaved in one process can reuse each other's freed regions and fault less
+(validate/host_allocator.py). `profile` counts the faults to check it.
 
 Accelerators use pooled allocators (XLA's BFC allocator on GPU, a planned heap on TPU), so
 hardware profiles without `host_memory` have no such term.

@@ -293,11 +293,15 @@ def _failure_line(failed: list[tuple[int, int]], logs: list) -> str:
 
     A process that exited on its own (code > 0) is named before one we stopped (signal)."""
     pid, code = sorted(failed, key=lambda f: (f[1] < 0, f[0]))[0]
-    log = logs[pid]
+    return f"measurement process {pid} exited with code {code}: {last_line(logs[pid])}"
+
+
+def last_line(log) -> str:
+    """The last non-blank line a process wrote to its log file (stderr), or 'no output'."""
+    log.flush()
     log.seek(0)
     tail = [ln.strip() for ln in log.read().splitlines() if ln.strip()]
-    last = tail[-1] if tail else "no output"
-    return f"measurement process {pid} exited with code {code}: {last}"
+    return tail[-1] if tail else "no output"
 
 
 # ---- child side ---------------------------------------------------------------------------

@@ -16,14 +16,27 @@ of 32 MiB or more goes back to the kernel, so a block at or over 32 MiB finds no
 and is mapped (or its heap regrown) and paged in on every call, while a smaller block is
 recycled from its arena and stays paged in. That is the rule `first_touch.faulted_bytes`
 prices. Measured with it (8 simulated devices, faults per device per step against XLA's
-temp_size): small-moe 114.1 for 114, 67 for 67, 59.4 for 59, 35.4 for 34-39 MiB, and 0-1 MiB
-for blocks under 32 MiB (wide-moe's 18 MB included), whatever ran before. Two things glibc
+temp_size, each mesh timed alone): small-moe 114.1 for 114, 67 for 67, 59.4 for 59, 35.4 for
+34-39 MiB, and 0-1 MiB for blocks under 32 MiB (wide-moe's 18 MB included). Two things glibc
 does not let a setting change, and why the rule is a cliff and not "nothing faults": a
 thread arena's heap holds at most 64 MiB (HEAP_MAX_SIZE), so a larger block in a thread is
 always mapped afresh (sysmalloc falls back to mmap whatever M_MMAP_MAX says), and keeping
 every arena top (no trim) let blocks between 32 and 64 MiB reuse a free region in some runs
 and not in others. The map threshold is glibc's largest allowed value (HEAP_MAX_SIZE / 2 =
 32 MiB on 64-bit), the same default `HostMemory.map_threshold_bytes` carries.
+
+What the pin cannot fix: a request is served from any free chunk of its size before glibc
+considers mapping (malloc.c, _int_malloc before sysmalloc), and chunks freed next to each
+other coalesce. A process that runs one program (a training job, a candidate timed alone)
+has no free region that large, so the cliff holds there; candidates interleaved in one
+process (`profile --rounds`) free scratch blocks beside each other, and a block between 32
+and 64 MiB may then land in such a region and keep its pages. Measured 2026-12-02 (AMD EPYC
+host, 8 simulated devices): small-moe data=2,expert=4 (35.4 MiB of scratch) faulted 35.4 MiB
+per step timed alone and 19.9 in the benchmark's rounds (`profile --isolate` gives each
+candidate a process of its own, validate/isolated.py). Routing every thread to the main
+arena with mapping off (M_ARENA_MAX = 1, M_MMAP_MAX = 0, no trim) did stop every fault, but
+the one arena lock made tiny-moe data=1,expert=8 25-30% slower (33 -> 42 ms), so it is not
+used: it trades a predictable cost for an unmodelled one.
 
 Only the process that runs simulated devices is pinned (profile, calibrate, regress, their
 child processes). Where glibc is missing (macOS, musl) nothing changes and `pin` says so.

@@ -25,7 +25,7 @@ from moeplan.cost.layout import Plans
 from moeplan.errors import MoeplanError
 from moeplan.specs import HardwareProfile, Mesh, ModelSpec, TrainSpec
 from moeplan.validate import devices as dev
-from moeplan.validate import skew
+from moeplan.validate import isolated, skew
 from moeplan.validate.compare import Comparison, Measured, Predicted, Summary, summarize
 
 TASK = "moeplan.validate.profile:measure_task"
@@ -49,6 +49,7 @@ class ProfileRequest:
     routing: bal.Routing | None = None  # drive the real router to this law (None: leave it alone)
     learning_rate: float | None = None  # StepOptions.learning_rate override (None: the step's default)
     breakdown: int = 0  # >0: after timing, trace this many steps for the time by cost term (term_times.py)
+    isolate: bool = False  # rounds on simulated CPU devices: each candidate in its own process (isolated.py)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ProfileReport:
             "steps": r.steps,
             "warmup": r.warmup,
             "rounds": r.rounds,
+            "isolate": r.isolate,
             "routing": None if r.routing is None else str(r.routing),
             "learning_rate": r.learning_rate,
             "interrupted": self.interrupted,
@@ -221,6 +223,7 @@ def payload(req: ProfileRequest) -> dict:
         "warmup": req.warmup,
         "rounds": req.rounds,
         "breakdown": req.breakdown,
+        "isolate": req.isolate,
         "options": skew.step_options(req.model, req.routing, req.learning_rate),
     }
 
@@ -233,8 +236,10 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
 
     With `rounds` > 1 every candidate is compiled and warmed up first, then all are timed
     in interleaved rounds (validate/rounds.py), so load that drifts over the minutes a run
-    takes hits every candidate alike instead of whichever ran then; all compiled programs
-    and states are alive at once for that.
+    takes hits every candidate alike instead of whichever ran then. All compiled programs and
+    states are then alive at once in this process, or, with `isolate` on simulated CPU
+    devices, each candidate runs in a process of its own (validate/isolated.py), so that no
+    candidate inherits another's free heap.
     """
     model = ModelSpec.model_validate(payload["model"])
     train = TrainSpec.model_validate(payload["train"])
@@ -242,6 +247,9 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     rounds = int(payload.get("rounds", 1))
     interleave = rounds > 1 and len(meshes) > 1
     emit({"event": "start", "total": len(meshes)})
+    if interleave and payload.get("isolate") and isolated.applies(devices):
+        isolated.measure(payload, emit, settle=ROUND_SETTLE)  # one process per candidate
+        return
     ready: dict[int, Prepared] = {}
     for i, mesh in enumerate(meshes):
         phase = _phases(emit, i, mesh)
