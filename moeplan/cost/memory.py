@@ -31,8 +31,14 @@ Per-layer activations adapt Korthikanti et al. (arXiv 2205.05198, sec. 4.1, whic
 sbh(34 + 5as/h) bytes with dropout and fp16) to this layout, with no dropout and no flash
 attention, counted in elements:
   attention block  block input and norm output 2TM, Q/K/V T*D*(N + 2N_kv)/m, attention
-                   output T*N*D/m; the S x S scores T*S*N/m twice: the float32 softmax
-                   output (for its backward) and its compute-dtype cast (for AV's backward)
+                   output T*N*D/m; the S x S scores T*S*N/m once, in the compute dtype: a
+                   fusing compiler keeps only the probabilities AV's backward reads and
+                   recomputes the float32 softmax inside its fused backward (TPU v5p ahead
+                   of time, bf16: 2.35 bytes a score element per layer, q/k/v/o included);
+                   unfused runtimes twice (below). Plus, once, the backward of the layer
+                   being differentiated: d(probabilities) in the compute dtype and
+                   d(scores) in float32, T*S*N/m each (fusing runtimes only; the unfused
+                   count above already holds more than that)
   dense FFN block  block input and norm output 2TM, hidden f*T*H/m (gated: two
                    projections and their product; plain: pre- and post-activation)
   MoE block        block input and norm output 2TM, router logits and probabilities
@@ -40,12 +46,16 @@ attention, counted in elements:
                    shared-expert hidden f*T*H_s/m, and the moe_buffers above
 Unfused runtimes (HostMemory.keeps_autodiff_residuals; XLA's CPU backend) materialise every
 residual JAX's autodiff saves instead of fusing elementwise work into the matmuls around it:
+the float32 softmax output beside its compute-dtype cast (the count of earlier versions, kept
+for them; XLA's CPU backend actually holds about 13.75 bytes a score element, 3.4 float32
+[S, S] buffers, measured 2026-12-02 at S = 256, a lead not yet taken up);
 a gated FFN keeps five hidden-size buffers (x@W1, x@W3, sigmoid(x@W1), silu(x@W1) and the
 product) where the count above has f = 3; each RMSNorm keeps its normalised input beside its
 output (+T*M per norm, the final norm's two included); and the loss backward holds exp(logits)
 and d_logits, two [T, V] float32 buffers. Measured on 8 CPU devices (2026-12-02, XLA's
 buffer dump at the peak of tiny-moe model=8; a stack of gated FFN layers grows XLA's scratch
-by 5.06 hidden buffers a layer on CPU and 1.1 on TPU v5p ahead of time, which fuses more).
+by 5.06 hidden buffers a layer on CPU; on TPU v5p ahead of time 1.1 in float32 and 3.3 in
+bfloat16, about the fused count).
 Remat policies: none keeps every layer's activations; selective drops the S x S scores of
 all layers but the one being recomputed (Korthikanti et al. sec. 5); full keeps only each
 block's input [T, M] plus one block's activations while it is recomputed (Chen et al.
@@ -117,7 +127,8 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
     parts = {
         "attention": block_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
         # the step keeps the float32 softmax output and its compute-dtype cast for AV
-        "scores": tm * float(train.seq_len * model.heads * (SOFTMAX_BYTES + cb)),
+        "scores": tm * float(train.seq_len * model.heads * ((SOFTMAX_BYTES + cb) if unfused else cb)),
+        "scores_backward": 0.0 if unfused else tm * float(train.seq_len * model.heads * (SOFTMAX_BYTES + cb)),
         "dense_ffn": block_tm + tm * float(f * model.ffn_hidden * cb),
         "moe_block": 0.0,
         "moe_buffers": 0.0,
@@ -151,7 +162,9 @@ def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nda
     full_moe = moe_bigger * p["moe_buffers"]
     # unfused: the final norm's input and output, kept under every policy
     final_norm = t * float(2 * model.d_model * bytes_of(train.compute_dtype)) if unfused else 0.0
-    return kept_share * kept + full * full_act + final_norm, kept_share * kept_moe + full * full_moe
+    # every policy: one layer's attention backward (d probabilities, d scores) at a time
+    return (kept_share * kept + full * full_act + final_norm + p["scores_backward"],
+            kept_share * kept_moe + full * full_moe)
 
 
 def reduce_output_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.ndarray:
