@@ -134,6 +134,9 @@ def profile_cmd(
     """Compile and time the real sharded step on candidate meshes; compare with the cost model."""
     fmt = output.check_choice("--format", fmt, ("table", "json"))
     _check_counts(steps=steps, warmup=warmup, top=top, rounds=rounds)
+    if isolate and rounds < 2:
+        raise MoeplanError("--isolate runs each mesh in its own process between interleaved rounds: "
+                           "give --rounds 2 or more")
     if remat is not None:
         remat = output.check_choice("--remat", remat, ("none", "selective", "full"))
     spec = _routing_spec(routing, learning_rate, target)

@@ -126,7 +126,7 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
     block_tm = t * ((3.0 if unfused else 2.0) * dm * cb)
     parts = {
         "attention": block_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
-        # the step keeps the float32 softmax output and its compute-dtype cast for AV
+        # fused: the compute-dtype probabilities AV's backward reads; unfused: the float32 softmax too
         "scores": tm * float(train.seq_len * model.heads * ((SOFTMAX_BYTES + cb) if unfused else cb)),
         "scores_backward": 0.0 if unfused else tm * float(train.seq_len * model.heads * (SOFTMAX_BYTES + cb)),
         "dense_ffn": block_tm + tm * float(f * model.ffn_hidden * cb),
