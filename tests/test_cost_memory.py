@@ -30,17 +30,17 @@ def test_tiny_dense_model_memory_by_hand():
     #     runtime recomputes the float32 softmax): 64 * 2 = 128 B
     #   FFN 2*T*M + 2*T*H/m = 128 + 128 = 256 el = 512 B
     #   -> 1088 B per layer, 2176 B for 2 layers
-    # plus, once, the attention backward of one layer: d probs (bf16) and d scores (float32),
-    #   64 * (2 + 4) = 384 B -> 2560 B
+    # plus, once, the attention backward of one layer: one more bf16 [S, S] per head,
+    #   64 * 2 = 128 B -> 2304 B
     # logits T*V*4 = 8*16*4 = 512 B
     m = mem(TINY, Mesh(model=2))
     assert m["weights"] == 2976
     assert m["gradients"] == 2976
     assert m["optimizer"] == 5952
-    assert m["activations"] == 2560
+    assert m["activations"] == 2304
     assert m["logits"] == 512
     assert m["moe_buffers"] == 0 and m["fsdp_buffers"] == 0
-    assert sum(m.values()) == 2976 * 2 + 5952 + 2560 + 512
+    assert sum(m.values()) == 2976 * 2 + 5952 + 2304 + 512
 
 
 def test_grad_accumulation_keeps_a_running_gradient_sum():
@@ -54,9 +54,9 @@ def test_grad_accumulation_keeps_a_running_gradient_sum():
 def test_remat_policies_by_hand():
     # full: block inputs L*T*M*2 = 2*8*8*2 = 256 B + one block (448 + 128 + 512) = 1344 B
     # selective: every layer but the scores (2 * (448 + 512)) + one layer's scores 128 = 2048 B
-    # each + one layer's attention backward 384 B (d probs and d scores, as without remat)
-    assert mem(TINY, Mesh(model=2), remat="full")["activations"] == 1344 + 384
-    assert mem(TINY, Mesh(model=2), remat="selective")["activations"] == 2048 + 384
+    # each + one layer's attention backward 128 B (one bf16 [S, S] per head, as without remat)
+    assert mem(TINY, Mesh(model=2), remat="full")["activations"] == 1344 + 128
+    assert mem(TINY, Mesh(model=2), remat="selective")["activations"] == 2048 + 128
 
 
 def test_fsdp_shards_weights_and_state():
@@ -86,8 +86,8 @@ def test_moe_buffers_and_expert_weights():
     # the MoE block keeps 2*T*M = 128 el (256 B) + router logits and probs 2*T*E*4 = 256 B;
     # attention (D = 4, 2 q and 2 kv heads) 2*T*M + T*D*(2*2 + 2*2) = 128 + 256 = 384 el
     # (768 B); scores T*S*N = 8*4*2 = 64 el kept as bf16 probabilities (128 B) + the one
-    # layer's attention backward 64 el * (2 + 4) B = 384 B
-    assert m["activations"] == 256 + 256 + 768 + 128 + 384
+    # layer's attention backward 64 el * 2 B = 128 B
+    assert m["activations"] == 256 + 256 + 768 + 128 + 128
 
 
 def test_memory_is_vectorised_over_plans():
@@ -159,8 +159,8 @@ def test_unfused_runtime_keeps_every_autodiff_residual_by_hand():
     # one more [T, M] per block norm (attention and MoE block: 2 * 8*8*4 = 512 B) plus the
     # final norm's input and output (2 * 256 B); scores T*S*N/m = 8*4*2/2 = 32 el: unfused
     # the float32 softmax output and its (here float32) cast, 8 B/el; fused the probabilities
-    # (4 B/el) + one layer's backward d probs and d scores (8 B/el): 32 * (8 - 12) = -128 B
-    assert unfused["activations"] - fused["activations"] == 512 + 512 - 128
+    # (4 B/el) + one layer's backward buffer (4 B/el): 32 * (8 - 8) = 0 B
+    assert unfused["activations"] - fused["activations"] == 512 + 512
     # exp(logits) and d_logits: two [T, V] float32 instead of one
     assert unfused["logits"] == 2 * fused["logits"] == 2 * 8 * 16 * 4
     for term in ("weights", "gradients", "optimizer"):

@@ -36,9 +36,10 @@ attention, counted in elements:
                    recomputes the float32 softmax inside its fused backward (TPU v5p ahead
                    of time, bf16: 2.35 bytes a score element per layer, q/k/v/o included);
                    unfused runtimes twice (below). Plus, once, the backward of the layer
-                   being differentiated: d(probabilities) in the compute dtype and
-                   d(scores) in float32, T*S*N/m each (fusing runtimes only; the unfused
-                   count above already holds more than that)
+                   being differentiated: one more T*S*N/m buffer in the compute dtype
+                   (fusing runtimes only; the same probe reads 4.15 bytes a score element
+                   for a single layer, 1.8 over what it keeps, and 4.40 for a single
+                   checkpointed layer; the unfused count below already holds more)
   dense FFN block  block input and norm output 2TM, hidden f*T*H/m (gated: two
                    projections and their product; plain: pre- and post-activation)
   MoE block        block input and norm output 2TM, router logits and probabilities
@@ -128,7 +129,7 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
         "attention": block_tm + tm * float(d * (2 * model.heads + 2 * model.n_kv_heads) * cb),
         # fused: the compute-dtype probabilities AV's backward reads; unfused: the float32 softmax too
         "scores": tm * float(train.seq_len * model.heads * ((SOFTMAX_BYTES + cb) if unfused else cb)),
-        "scores_backward": 0.0 if unfused else tm * float(train.seq_len * model.heads * (SOFTMAX_BYTES + cb)),
+        "scores_backward": 0.0 if unfused else tm * float(train.seq_len * model.heads * cb),
         "dense_ffn": block_tm + tm * float(f * model.ffn_hidden * cb),
         "moe_block": 0.0,
         "moe_buffers": 0.0,
@@ -162,7 +163,7 @@ def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nda
     full_moe = moe_bigger * p["moe_buffers"]
     # unfused: the final norm's input and output, kept under every policy
     final_norm = t * float(2 * model.d_model * bytes_of(train.compute_dtype)) if unfused else 0.0
-    # every policy: one layer's attention backward (d probabilities, d scores) at a time
+    # every policy: one layer's attention backward at a time (one compute-dtype [S, S] per head)
     return (kept_share * kept + full * full_act + final_norm + p["scores_backward"],
             kept_share * kept_moe + full * full_moe)
 
