@@ -46,6 +46,7 @@ def test_bad_profile_options_are_one_line_errors():
     assert "--steps must be at least 1" in fails("profile", "--steps", "0", "--hardware", "cpu")
     assert "--rounds must be at least 1" in fails("profile", "--rounds", "0", "--hardware", "cpu")
     assert "give --rounds 2 or more" in fails("profile", "--isolate", "--hardware", "cpu")
+    assert "drop one of them" in fails("profile", "--isolate", "--rounds", "2", "--processes", "2", "--hardware", "cpu")
     assert "--format" in fails("profile", "--format", "xml", "--hardware", "cpu")
     assert "--target only compiles" in fails("profile", "--breakdown", "--target", "tpu-v5p:4x4x4")
     err = fails("profile", "--hardware", "cpu", "--devices", "8", "--mesh", "data=3")

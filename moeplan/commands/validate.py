@@ -137,6 +137,9 @@ def profile_cmd(
     if isolate and rounds < 2:
         raise MoeplanError("--isolate runs each mesh in its own process between interleaved rounds: "
                            "give --rounds 2 or more")
+    if isolate and (processes > 1 or cluster):
+        raise MoeplanError("--isolate is for simulated CPU devices in one process; with --processes or "
+                           "--cluster each process already has a heap of its own (drop one of them)")
     if remat is not None:
         remat = output.check_choice("--remat", remat, ("none", "selective", "full"))
     spec = _routing_spec(routing, learning_rate, target)
