@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -176,25 +175,12 @@ def _finish(worker: Worker, medians: list[float], emit: Emit) -> None:
 # ---- worker side -----------------------------------------------------------------------------
 
 
-def _timed_steps(run: Callable[[], object], steps: int, settle: int) -> list[float]:
-    """`settle` untimed steps, then the wall time of each of `steps` synced steps."""
-    import jax
-
-    for _ in range(settle):
-        jax.block_until_ready(run())
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def worker_main(argv: list[str]) -> int:
     """One candidate: compile, warm up, then serve round and finish commands from stdin."""
     from moeplan.specs import ModelSpec, TrainSpec
     from moeplan.validate import host_allocator
     from moeplan.validate import profile as prof
+    from moeplan.validate.timing import time_steps
 
     payload_path, index = argv
     i = int(index)
@@ -205,10 +191,10 @@ def worker_main(argv: list[str]) -> int:
 
     host_allocator.pin()
     devices = jax.devices()[: mesh.devices]
-    phase = prof._phases(emit, i, mesh)
+
     try:
         prep = prof.prepare_one(ModelSpec.model_validate(payload["model"]), TrainSpec.model_validate(payload["train"]),
-                                mesh, devices, phase=phase, options=payload.get("options"))
+                                mesh, devices, phase=prof._phases(emit, i, mesh), options=payload.get("options"))
         prof.warm_up(prep, payload["warmup"])
     except Exception as e:  # noqa: BLE001 (reported to the parent, which goes on)
         emit({"event": "error", "index": i, "mesh": str(mesh), "reason": prof.failure_reason(e)})
@@ -216,12 +202,13 @@ def worker_main(argv: list[str]) -> int:
     emit({"event": "ready", "index": i})
     for line in sys.stdin:
         command = json.loads(line)
-        if command["cmd"] == "round":
-            emit({"event": "times", "times": _timed_steps(prep.run, command["steps"], command["settle"])})
+        if command["cmd"] == "round":  # settle steps untimed, then the wall time of each step
+            timing = time_steps(prep.run, steps=command["steps"], warmup=command["settle"],
+                                sync=jax.block_until_ready)
+            emit({"event": "times", "times": list(timing.times_s)})
             continue
         record = prof.finish(prep, command["median_s"], command["cv"], command["times_s"])
-        record = prof.with_page_faults(prep, {**record, "worker_pid": os.getpid()}, devices)
-        prof._emit_result(emit, i, mesh, prof.with_breakdown(prep, record, payload.get("breakdown", 0), phase))
+        prof.emit_measured(prep, {**record, "worker_pid": os.getpid()}, devices, payload, emit, i)
         return 0
     return 0
 

@@ -257,9 +257,8 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
             prep = prepare_one(model, train, mesh, devices[: mesh.devices], phase=phase,
                                options=payload.get("options"))
             if not interleave:
-                record = with_page_faults(prep, time_alone(prep, payload["steps"], payload["warmup"], phase),
-                                          devices[: mesh.devices])
-                _emit_result(emit, i, mesh, with_breakdown(prep, record, payload.get("breakdown", 0), phase))
+                record = time_alone(prep, payload["steps"], payload["warmup"], phase)
+                emit_measured(prep, record, devices[: mesh.devices], payload, emit, i)
             else:
                 warm_up(prep, payload["warmup"])
                 ready[i] = prep
@@ -273,9 +272,7 @@ def measure_task(payload: dict, devices: list, emit: Emit) -> None:
     if ready:
         emit({"event": "phase", "index": min(ready), "mesh": "all", "phase": "rounds", "done": 0, "total": rounds})
         for i, rec in time_in_rounds(ready, payload["steps"], rounds).items():
-            rec = with_page_faults(ready[i], rec, devices[: meshes[i].devices])
-            _emit_result(emit, i, meshes[i],
-                         with_breakdown(ready[i], rec, payload.get("breakdown", 0), _phases(emit, i, meshes[i])))
+            emit_measured(ready[i], rec, devices[: meshes[i].devices], payload, emit, i)
         ready.clear()
         release_memory()
 
@@ -287,8 +284,12 @@ def _phases(emit: Emit, i: int, mesh: Mesh) -> Callable[..., None]:
     return phase
 
 
-def _emit_result(emit: Emit, i: int, mesh: Mesh, record: dict) -> None:
-    emit({"event": "result", "index": i, "mesh": str(mesh), "measured": record})
+def emit_measured(prep: Prepared, record: dict, devices: list, payload: dict, emit: Emit, i: int) -> None:
+    """Candidate i's timed record, completed after timing (page faults, then the traced
+    breakdown the payload asks for) and sent as its result event."""
+    record = with_page_faults(prep, record, devices)
+    record = with_breakdown(prep, record, payload.get("breakdown", 0), _phases(emit, i, prep.mesh))
+    emit({"event": "result", "index": i, "mesh": str(prep.mesh), "measured": record})
 
 
 @dataclass
