@@ -165,7 +165,17 @@ def summary_row(name: str, s) -> list[str]:
     keys = ["median_abs_error", "spearman", "top1_regret", "flops_median_abs_error", "memory_median_abs_error"]
     cells = [f"{fmt(k, getattr(s, k))} {verdict(k, getattr(s, k))}" for k in keys]
     exact = {True: "yes", False: "NO", None: "-"}[s.comm_bytes_exact]
-    return [name, f"{s.measured}/{s.measured + s.failed}", *cells, exact]
+    return [name, f"{s.measured}/{s.measured + s.failed}", *cells, exact, by_round_cell(s.by_round)]
+
+
+def by_round_cell(r) -> str:
+    """Per-round Spearman range and the rounds the pick lost to the measured best, e.g.
+    '0.71-0.95, 2/5': whether a rank miss is the planner's or a near tie (timing.RoundFigures)."""
+    if r is None:
+        return "-"
+    rhos = sorted(x for x in r.spearman if x == x)  # NaN-free
+    spread = f"{rhos[0]:.2f}-{rhos[-1]:.2f}" if rhos else "-"
+    return f"{spread}, {r.pick_slower_rounds}/{r.rounds}"
 
 
 def _r(x) -> str:
@@ -357,7 +367,7 @@ def main() -> None:
             break
 
     header = ["shape", "measured", "median |err|", "Spearman", "top-1 regret", "FLOPs err", "memory err",
-              "comm exact"]
+              "comm exact", "by round: Spearman, pick slower"]
     rows = [summary_row(n, r.summary) for n, r in reports.items()]
     per = [r.summary for r in reports.values()]
     rhos = [s.spearman for s in per if s.spearman is not None]

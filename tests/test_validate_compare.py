@@ -91,6 +91,17 @@ def test_summary_regret_and_inexact_bytes():
     assert s.comm_bytes_exact is False
 
 
+def test_summary_by_round_only_for_interleaved_rounds():
+    def timed(step, per_round):
+        return Measured.from_record({**meas(step).record(), "step_times_s": per_round})
+
+    comps = [Comparison("a", pred(1.0), measured=timed(2.25, [3.0, 1.5])),
+             Comparison("b", pred(2.0), measured=timed(2.0, [2.0, 2.0]))]
+    assert summarize(comps).by_round is None  # step by step, not paired across candidates
+    r = summarize(comps, rounds=True).record()["rounds"]
+    assert r == {"rounds": 2, "spearman": [-1.0, 1.0], "pick_slower_rounds": 1}
+
+
 def test_summary_with_nothing_or_one_measured():
     assert summarize([Comparison("a", pred(1.0), error="x")]).median_abs_error is None
     one = summarize([Comparison("a", pred(1.0), measured=meas(2.0))])

@@ -11,6 +11,7 @@ from moeplan.validate.timing import (
     median_abs_relative_error,
     ranks,
     relative_errors,
+    round_figures,
     spearman,
     time_steps,
     top1_regret,
@@ -76,6 +77,23 @@ def test_top1_regret():
     assert top1_regret([1.0, 2.0], [5.0, 6.0]) == 0.0
     # tied predictions go to the first, as the planner ranks them
     assert top1_regret([1.0, 1.0], [8.0, 4.0]) == pytest.approx(1.0)
+
+
+def test_round_figures_pair_the_rounds():
+    # planner picks index 0; the measured best by median is index 1 (10.5 against 11)
+    per_round = [[11.0, 9.0, 12.0], [10.0, 10.5, 11.0], [20.0, 21.0, 22.0]]
+    r = round_figures([1.0, 2.0, 3.0], per_round)
+    assert r.rounds == 3
+    assert r.pick_slower_rounds == 2  # rounds 1 and 3; in round 2 the pick was faster
+    # round 2 ranks as predicted (9 < 10.5 < 21), rounds 1 and 3 swap the first two
+    assert r.spearman == pytest.approx([0.5, 1.0, 0.5])
+
+
+def test_round_figures_when_the_pick_is_the_best_or_rounds_are_missing():
+    assert round_figures([1.0, 2.0], [[1.0, 1.2], [2.0, 2.1]]).pick_slower_rounds == 0
+    assert round_figures([1.0, 2.0], [[1.0], [2.0]]) is None  # one round
+    assert round_figures([1.0, 2.0], [[1.0, 1.1], [2.0]]) is None  # rounds of unequal length
+    assert round_figures([1.0], [[1.0, 1.1]]) is None  # one candidate
 
 
 def test_time_steps_times_only_the_timed_steps(monkeypatch):

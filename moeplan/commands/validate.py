@@ -377,6 +377,15 @@ def _first_chart(r: dict):
                         np.asarray(layer["tokens_per_expert"]["measured"]), pooled_capacity)
 
 
+def _rounds_line(r: dict) -> str:
+    """The rank figures round by round: whether a miss of Spearman or top-1 regret is the
+    planner's or a near tie the host's noise decides (timing.RoundFigures)."""
+    rhos = sorted(x for x in r["spearman"] if x is not None)
+    spread = f"Spearman {rhos[0]:.3f} to {rhos[-1]:.3f}" if rhos else "Spearman -"
+    return (f"[dim]round by round ({r['rounds']} rounds): {spread}; the planner's pick measured slower "
+            f"than the measured best in {r['pick_slower_rounds']} of {r['rounds']} rounds[/]")
+
+
 def _summary_lines(doc: dict) -> list[str]:
     s = doc["summary"]
     pct = lambda x: output.fmt_percent(x) if x is not None else "-"  # noqa: E731
@@ -389,6 +398,8 @@ def _summary_lines(doc: dict) -> list[str]:
         f"top-1 regret {pct(s['top1_regret'])}, comm bytes exact: {exact}, "
         f"FLOPs error {pct(s['flops_median_abs_error'])}, memory error {pct(s['memory_median_abs_error'])}",
     ]
+    if s.get("rounds"):
+        lines.append(_rounds_line(s["rounds"]))
     lines += [f"[dim]{output.esc(n)}[/]" for n in doc.get("notes", [])]
     if doc.get("interrupted"):
         lines.append("[yellow]interrupted: only the candidates above were measured[/]")

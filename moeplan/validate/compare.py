@@ -17,7 +17,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeplan.validate.timing import median, median_abs_relative_error, spearman, top1_regret
+from moeplan.validate.timing import (
+    RoundFigures,
+    median,
+    median_abs_relative_error,
+    round_figures,
+    spearman,
+    top1_regret,
+)
 
 KINDS = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter")
 BYTES_REL_TOL = 1e-9  # float rounding of wire_factor (n-1)/n; a byte off is a real mismatch
@@ -176,8 +183,10 @@ class Summary:
     comm_bytes_exact: bool | None
     flops_median_abs_error: float | None
     memory_median_abs_error: float | None
+    by_round: RoundFigures | None = None  # candidates timed in interleaved rounds only
 
     def record(self) -> dict:
+        rounds = self.by_round
         return {
             "median_abs_error": self.median_abs_error,
             "spearman": self.spearman,
@@ -187,6 +196,11 @@ class Summary:
             "memory_median_abs_error": self.memory_median_abs_error,
             "measured": self.measured,
             "failed": self.failed,
+            "rounds": None if rounds is None else {
+                "rounds": rounds.rounds,
+                "spearman": [_finite(x) for x in rounds.spearman],
+                "pick_slower_rounds": rounds.pick_slower_rounds,
+            },
         }
 
 
@@ -199,11 +213,13 @@ def _median_abs_ratio_error(ratios: list[float | None]) -> float | None:
     return median(vals) if vals else None
 
 
-def summarize(comparisons: list[Comparison]) -> Summary:
+def summarize(comparisons: list[Comparison], rounds: bool = False) -> Summary:
     """Accuracy figures over the measured candidates.
 
     Spearman and top-1 regret need at least two measured candidates (None otherwise); top-1
-    regret picks the lowest *predicted* step time among the measured candidates.
+    regret picks the lowest *predicted* step time among the measured candidates. `rounds`:
+    the candidates were timed in interleaved rounds (their `step_times_s` are per-round
+    medians, paired across candidates), so the rank figures are also given round by round.
     """
     done = [c for c in comparisons if c.ok]
     failed = len(comparisons) - len(done)
@@ -221,4 +237,6 @@ def summarize(comparisons: list[Comparison]) -> Summary:
         comm_bytes_exact=all(all(c.comm_match().values()) for c in done),
         flops_median_abs_error=_median_abs_ratio_error([c.flops_ratio for c in done]),
         memory_median_abs_error=_median_abs_ratio_error([c.memory_ratio for c in done]),
+        by_round=round_figures(pred, [c.measured.extra.get("step_times_s", []) for c in done])  # type: ignore[union-attr]
+        if rounds else None,
     )

@@ -63,7 +63,7 @@ class ProfileReport:
 
     @property
     def summary(self) -> Summary:
-        return summarize(self.comparisons)
+        return summarize(self.comparisons, rounds=self.request.rounds > 1)
 
     def record(self) -> dict:
         """The `--format json` document (schema_version 1, docs/validation.md)."""

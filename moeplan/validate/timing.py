@@ -153,3 +153,36 @@ def top1_regret(predicted: Sequence[float], measured: Sequence[float]) -> float:
         raise ValueError("top1_regret needs two non-empty sequences of the same length")
     pick = min(range(len(predicted)), key=lambda i: predicted[i])
     return measured[pick] / min(measured) - 1
+
+
+@dataclass(frozen=True)
+class RoundFigures:
+    """The rank figures round by round, for candidates timed in interleaved rounds.
+
+    Why: top-1 regret and Spearman compare medians, and two candidates a few percent apart
+    swap places from one run to the next on a shared host. Each round times every candidate
+    within seconds of the others, so the rounds are paired samples: a pick that measured
+    slower than the measured best in every round is a real miss of the planner, one slower
+    in half of them is a tie the host's noise decides.
+    """
+
+    rounds: int
+    spearman: list[float]  # one per round (NaN where a round's times are all equal)
+    pick_slower_rounds: int  # rounds in which the planner's pick was slower than the measured best
+
+
+def round_figures(predicted: Sequence[float], per_round: Sequence[Sequence[float]]) -> RoundFigures | None:
+    """`RoundFigures` from each candidate's per-round median times (all of one length, at
+    least two rounds and two candidates; None otherwise). The measured best is the
+    candidate with the lowest median over its rounds, as top1_regret takes it."""
+    if len(per_round) != len(predicted) or len(per_round) < 2:
+        return None
+    rounds = {len(ts) for ts in per_round}
+    if len(rounds) != 1 or min(rounds) < 2:
+        return None
+    n = rounds.pop()
+    pick = min(range(len(predicted)), key=lambda i: predicted[i])
+    best = min(range(len(per_round)), key=lambda i: median(per_round[i]))
+    columns = [[ts[r] for ts in per_round] for r in range(n)]
+    slower = sum(col[pick] > col[best] for col in columns)
+    return RoundFigures(n, [spearman(predicted, col) for col in columns], slower)
