@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeplan.cost.layout import Plans
-from moeplan.cost.memory import memory_per_device
+from moeplan.cost.memory import activation_bytes, memory_per_device
 from moeplan.specs import Mesh, ModelSpec, MoESpec, TrainSpec
 
 # M=8, L=2, N=4 (D=2), N_kv=2, V=16, H=16, plain FFN; on model=2 -> 2 local q heads, 1 kv head
@@ -23,7 +23,7 @@ def test_tiny_dense_model_memory_by_hand():
     # params per device: replicated = embedding + head 2*16*8 = 256, final norm 8, block norms
     # 2*2*8 = 32 -> 296; sharded over model=2: attention 2 layers * 8*2*(2*4 + 2*2) = 384,
     # FFN 2 layers * 2*8*16 = 512 -> 896 / 2 = 448. Total 744 params.
-    # weights fp32 2976 B, gradients 2976 B, Adam 2 * 4 B * 744 = 5952 B.
+    # weights fp32 2976 B, all gradients 2976 B, Adam 2 * 4 B * 744 = 5952 B.
     # activations, T = 8 tokens, bf16, per layer:
     #   attention 2*T*M + T*D*(2*2 + 2*1) = 128 + 96 = 224 el = 448 B
     #   scores T*S*N/m = 8*4*2 = 64 el, kept as the bf16 probabilities only (a fusing
@@ -33,30 +33,45 @@ def test_tiny_dense_model_memory_by_hand():
     # plus, once, the attention backward of one layer: one more bf16 [S, S] per head,
     #   64 * 2 = 128 B -> 2304 B
     # logits T*V*4 = 8*16*4 = 512 B
+    # peak: start of backward = activations + logits + the first gradients (embedding and
+    #   head 256 params + the last block's 8*2*12/2 + 16 norms + 2*8*16/2 = 240 -> 496 params,
+    #   1984 B) = 4800 B; end = all gradients 2976 + the first layer's activations (1088 +
+    #   128) = 4192 B. The start is the larger.
     m = mem(TINY, Mesh(model=2))
     assert m["weights"] == 2976
-    assert m["gradients"] == 2976
+    assert m["gradients"] == 1984
     assert m["optimizer"] == 5952
     assert m["activations"] == 2304
     assert m["logits"] == 512
     assert m["moe_buffers"] == 0 and m["fsdp_buffers"] == 0
-    assert sum(m.values()) == 2976 * 2 + 5952 + 2304 + 512
+    assert sum(m.values()) == 2976 + 1984 + 5952 + 2304 + 512
 
 
-def test_grad_accumulation_keeps_a_running_gradient_sum():
-    one = mem(TINY, Mesh(model=2))
-    two = mem(TINY, Mesh(model=2), grad_accum=2)
-    assert one["grad_accumulator"] == 0
-    assert two["grad_accumulator"] == 2976  # a second fp32 gradient tree, 744 params
-    assert two["activations"] == pytest.approx(one["activations"] / 2)  # half the tokens live
+def test_peak_moves_to_the_end_of_backward_when_gradients_outweigh_activations():
+    # grad_accum 2 halves the live tokens (T = 4): start = activations 1152 + logits 256 + first
+    # gradients 1984 = 3392 B; end = all gradients 2976 + the first layer's activations
+    # (attention 224 + scores 64 + its backward 64 + FFN 256 = 608 B) = 3584 B: the end wins,
+    # with every gradient and one layer's activations live, and no logits
+    m = mem(TINY, Mesh(model=2), grad_accum=2)
+    assert m["gradients"] == 2976
+    assert m["activations"] == 608
+    assert m["logits"] == 0 and m["moe_buffers"] == 0
+    assert m["grad_accumulator"] == 2976  # the running sum of the microbatch gradients, live throughout
+    assert sum(m.values()) == 2976 + 2976 + 2976 + 5952 + 608
 
 
 def test_remat_policies_by_hand():
     # full: block inputs L*T*M*2 = 2*8*8*2 = 256 B + one block (448 + 128 + 512) = 1344 B
     # selective: every layer but the scores (2 * (448 + 512)) + one layer's scores 128 = 2048 B
     # each + one layer's attention backward 128 B (one bf16 [S, S] per head, as without remat)
-    assert mem(TINY, Mesh(model=2), remat="full")["activations"] == 1344 + 128
-    assert mem(TINY, Mesh(model=2), remat="selective")["activations"] == 2048 + 128
+    train = lambda remat: TrainSpec(seq_len=4, global_batch=2, remat=remat)  # noqa: E731
+    saved = lambda remat: float(activation_bytes(TINY, train(remat), Plans.single(Mesh(model=2), train(remat)))[0][0])  # noqa: E731
+    assert saved("full") == 1344 + 128
+    assert saved("selective") == 2048 + 128
+    # full remat saves so little that the peak is at the end of backward: every gradient and
+    # the one block being differentiated (1216 B)
+    m = mem(TINY, Mesh(model=2), remat="full")
+    assert m["gradients"] == 2976 and m["activations"] == 1216
 
 
 def test_fsdp_shards_weights_and_state():
@@ -118,23 +133,24 @@ def test_reduce_buffer_is_zero_unless_the_all_reduce_is_out_of_place():
     assert mem(MOE1, Mesh(data=8), global_batch=16)["reduce_buffer"] == 0
 
 
-def test_reduce_buffer_holds_the_combined_gradient_all_reduce_output_beyond_the_freed_activations():
-    # data=8, expert=1: one combined all-reduce over (568 + 512) params * 4 B = 4320 B; what it
-    # may reuse is the activations + MoE buffers + logits, all freed by then
+def test_reduce_buffer_holds_the_combined_gradient_all_reduce_output_at_the_end():
+    # data=8, expert=1, T = 8: one combined all-reduce over (568 + 512) params * 4 B = 4320 B,
+    # written beside the 4320 B of gradients it reduces. End of backward: 4320 + max(the
+    # all-reduce output 4320, the layer's activations 2560) = 8640 B; start: activations
+    # 1536 + MoE buffers 1024 + logits 512 + first gradients (256 + 816 params) 4288 = 7360 B
     m = mem_cpu(Mesh(data=8))
-    freed = m["activations"] + m["moe_buffers"] + m["logits"]
-    assert 0 < freed < 4320
-    assert m["reduce_buffer"] == pytest.approx(4320 - freed)
-    assert m["gradients"] == 4320  # the buffer equals the gradients it reduces
+    assert m["reduce_buffer"] == 4320
+    assert m["gradients"] == 4320
+    assert m["activations"] == m["moe_buffers"] == m["logits"] == 0  # all freed by then
 
 
 def test_reduce_buffer_takes_the_larger_of_two_ops_on_different_groups():
-    # data=2, expert=2: non-expert grads (568 params) over (data, expert), the 2 local experts'
-    # (256 params) over data: two ops, the larger 568 * 4 = 2272 B
+    # data=2, expert=2, T = 4: non-expert grads (568 params) over (data, expert), the 2 local
+    # experts' (256 params) over data: two ops, the larger 568 * 4 = 2272 B. End: 3296 + 2272
+    # = 5568 B against a start of 768 + 512 + 256 + (256 + 560) * 4 = 4800 B
     m = mem_cpu(Mesh(data=2, expert=2), global_batch=4)  # 4 tokens per device
-    freed = m["activations"] + m["moe_buffers"] + m["logits"]
-    assert m["reduce_buffer"] == pytest.approx(max(2272 - freed, 0.0))
-    assert m["reduce_buffer"] > 0
+    assert m["reduce_buffer"] == 2272
+    assert m["gradients"] == 3296
 
 
 def test_no_reduce_buffer_without_a_gradient_all_reduce():
@@ -175,6 +191,6 @@ def test_unfused_counts_follow_the_remat_policy():
     for remat in ("none", "full"):
         train = TrainSpec(seq_len=4, global_batch=2, compute_dtype="float32", remat=remat)
         plans = Plans.single(Mesh(model=2), train)
-        f, u = (memory_per_device(two, train, plans, unfused=x)["moe_buffers"][0] for x in (False, True))
+        f, u = (activation_bytes(two, train, plans, unfused=x)[1][0] for x in (False, True))
         extra[remat] = float(u - f)
     assert extra == {"none": 2 * 512.0, "full": 512.0}

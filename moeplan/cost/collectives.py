@@ -143,6 +143,23 @@ def size_factor(curve: tuple[np.ndarray, np.ndarray] | None, buffer_bytes: np.nd
     return np.interp(np.log(np.maximum(buffer_bytes, 1.0)), *curve)
 
 
+def alpha_beta(hw: HardwareProfile, kind: str, n: np.ndarray | int, link: LinkChoice) -> tuple:
+    """(wire share, alpha seconds, seconds per buffer byte) of one `kind` op over n devices
+    on `link`, with the kind's calibrated scale: op time = alpha + buffer_bytes * beta,
+    before the kind's size_factor."""
+    share = wire_factor(kind, n)
+    lat, bw = kind_scale(hw, kind)
+    return share, ring_steps(kind, n) * (link.latency * lat), share / (link.bandwidth * bw)
+
+
+def op_seconds(hw: HardwareProfile, kind: str, n: int, buffer_bytes: float) -> float:
+    """Predicted seconds of one `kind` op over n devices inside a switched scale-up domain
+    (a torus's extra links not counted), with `buffer_bytes` per device (traffic.py's
+    convention): what comm_totals charges each such op."""
+    _, alpha, beta = alpha_beta(hw, kind, n, LinkChoice(np.float64(hw.scale_up.bandwidth), np.float64(hw.scale_up.latency)))
+    return float((alpha + buffer_bytes * beta) * size_factor(size_curve(hw, kind), buffer_bytes))
+
+
 def entry_key(c: Collective) -> str:
     """Unique, readable name of a traffic entry, e.g. 'all-reduce: non-expert gradients'."""
     return f"{c.kind}: {c.name}"
@@ -185,9 +202,7 @@ def comm_totals(
         size, link = links[c.axes]
         key = (c.axes, c.kind)
         if key not in factors:
-            share = wire_factor(c.kind, size)
-            lat, bw = kind_scale(hw, c.kind)
-            factors[key] = (share, ring_steps(c.kind, size) * (link.latency * lat), share / (link.bandwidth * bw))
+            factors[key] = alpha_beta(hw, c.kind, size, link)
         share, alpha, beta = factors[key]
         moved = c.count * c.buffer_bytes
         s = c.count * alpha + moved * beta
