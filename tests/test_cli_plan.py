@@ -208,6 +208,17 @@ def test_estimate_table_lists_terms():
         assert text in out
 
 
+def test_estimate_says_which_end_of_backward_the_memory_peak_is_at():
+    # no remat keeps every layer's activations: they outweigh the gradients, the peak is at the
+    # start; full remat keeps so few that every gradient outweighs them, the peak is at the end
+    full = ["--model", "mixtral-8x7b", "--hardware", "h100-sxm", "--mesh", "data=8,expert=4,model=2"]
+    assert "live at the peak: the start of backward" in ok("estimate", *full).stdout
+    end = ok("estimate", *full, "--remat", "full")
+    assert "live at the peak: the end of backward" in end.stdout
+    parts = as_json("estimate", *full, "--remat", "full")["candidates"][0]["memory_breakdown_bytes"]
+    assert parts["logits"] == 0 and parts["gradients"] == parts["weights"]  # all of them, in the param dtype
+
+
 def test_estimate_reads_a_train_file(tmp_path):
     path = write(tmp_path, "train.yaml", "seq_len: 64\nglobal_batch: 16\ngrad_accum: 2\n")
     data = as_json("estimate", "--model", "tiny-moe", "--mesh", "4x2x1", "--train", path, "--grad-accum", "1")

@@ -364,9 +364,18 @@ def _estimate_tables(report: dict):
         mem.add_row(part, output.fmt_bytes(nbytes), output.fmt_percent(nbytes / hbm))
     total = row["memory_bytes_per_device"]
     mem.add_row("[bold]total[/]", output.fmt_bytes(total), output.fmt_percent(total / hbm))
+    mem.caption = _peak_caption(row["memory_breakdown_bytes"])
     verdict = "[green]fits[/]" if row["fits_memory"] else "[bold red]does NOT fit[/]"
     mem_line = f"memory {output.fmt_bytes(total)} of {output.fmt_bytes(hbm)} HBM: {verdict}"
     return [head, step, compute, comm, mem, mem_line]
+
+
+def _peak_caption(parts: dict) -> str:
+    """Which end of backward the memory peak is at (cost/memory.py, "Peak"): the logits are
+    live only at its start."""
+    if parts.get("logits", 0) > 0:
+        return "live at the peak: the start of backward"
+    return "live at the peak: the end of backward"
 
 
 def _mesh_text(mesh: dict) -> str:
