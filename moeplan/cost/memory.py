@@ -38,6 +38,10 @@ sec. 3; XLA's buffer assignment plans its scratch from the same live ranges):
          LM head's and embedding's and the last layer's (never more than all gradients);
   end    every gradient, plus the larger of the first layer's activations (its backward is
          the last one) and an out-of-place all-reduce's output (the activations are freed).
+         With grad_accum > 1 the all-reduce runs once, after the loop, on the accumulator:
+         its output then sits beside the accumulator alone (XLA's CPU scratch at data = 8,
+         grad_accum = 2: 2 x gradients, not 3), so the end is the accumulator + the larger of
+         (last microbatch's gradients + the first layer's activations) and that output.
 The peak is the larger; the gradient accumulator and FSDP buffers are live at both. Against
 XLA's planned scratch (memory_analysis temp_size) on 30 CPU candidates (3 validation shapes x
 every mesh of 8 devices, 2026-12-02), the median error went from 7.9% (every term live at
