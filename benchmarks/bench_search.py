@@ -24,6 +24,7 @@ import numpy as np
 from moeplan import presets, search
 from moeplan.cost import step as cost_step
 from moeplan.cost.layout import Plans
+from moeplan.validate import host_allocator
 
 SCORE_TARGET = 1_000_000  # plans per second
 CLI_TARGET_S = 1.0
@@ -62,7 +63,9 @@ def bench_scoring(n_plans: int, repeats: int) -> None:
     train = presets.load_train(None, global_batch=16384)
     plans = valid_plans(model, train, 65536, n_plans)
     n = len(plans)
-    print(f"deepseek-v3 on tpu-v5p, {n:,d} plans (valid plans of 65,536 devices, tiled); median of {repeats}")
+    pinned = host_allocator.pin()  # as every moeplan command does at start-up (cli.py)
+    print(f"deepseek-v3 on tpu-v5p, {n:,d} plans (valid plans of 65,536 devices, tiled); median of {repeats}; "
+          f"allocator thresholds {'pinned' if pinned else 'not pinned (no glibc)'}")
     est = median_seconds(lambda: cost_step.estimate(model, train, hw, plans), repeats)
     score = median_seconds(lambda: search.score(model, train, hw, plans), repeats)
     for label, (wall, cpu) in (("cost.estimate()", est), ("search.score() (filters+estimate)", score)):

@@ -167,11 +167,19 @@ def _activation_parts(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nd
     return parts
 
 
+def _one_block(model: ModelSpec, p: dict) -> tuple:
+    """(dense FFN block, MoE block + its buffers) of one layer, 0 for a kind the model lacks."""
+    dense_one = p["dense_ffn"] if model.dense_layers else 0.0
+    moe_one = p["moe_block"] + p["moe_buffers"] if model.moe_layers else 0.0
+    return dense_one, moe_one
+
+
 def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray | None = None,
-                     unfused: bool = False) -> tuple:
-    """(activations, moe_buffers) saved for backward under each plan's remat policy."""
+                     unfused: bool = False, parts: dict | None = None) -> tuple:
+    """(activations, moe_buffers) saved for backward under each plan's remat policy;
+    `parts`: this plan's `_activation_parts`, when the caller has them already."""
     t = tokens_per_microbatch(train, plans) if t is None else t
-    p = _activation_parts(model, train, plans, t, unfused)
+    p = _activation_parts(model, train, plans, t, unfused) if parts is None else parts
     lyr, ld, lm = model.layers, model.dense_layers, model.moe_layers
     # 0/1 float masks blend the policies (same values as np.where, faster on 10^6 plans)
     full = (plans.remat == REMAT_CODES["full"]).astype(np.float64)
@@ -180,8 +188,7 @@ def activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.nda
     kept = lyr * p["attention"] + keep_scores * p["scores"] + ld * p["dense_ffn"] + lm * p["moe_block"]
     kept_moe = lm * p["moe_buffers"]
     # full remat: block inputs [T, M] for every layer + the one block being recomputed
-    dense_one = p["dense_ffn"] if ld else 0.0
-    moe_one = p["moe_block"] + p["moe_buffers"] if lm else 0.0
+    dense_one, moe_one = _one_block(model, p)
     moe_bigger = (moe_one > dense_one).astype(np.float64) if ld and lm else float(lm > 0)
     full_act = t * float(lyr * model.d_model * bytes_of(train.compute_dtype)) + p["attention"] + p["scores"]
     full_act = full_act + moe_bigger * p["moe_block"] + (1.0 - moe_bigger) * dense_one
@@ -208,15 +215,11 @@ def reduce_output_bytes(model: ModelSpec, train: TrainSpec, plans: Plans) -> np.
     return largest * (1.0 - plans.fsdp.astype(np.float64))
 
 
-def one_layer_activation_bytes(model: ModelSpec, train: TrainSpec, plans: Plans, t: np.ndarray,
-                               unfused: bool = False) -> np.ndarray:
-    """Activations of the largest single layer, MoE buffers and its attention backward
-    included: what the first layer holds while it is differentiated, under every remat
-    policy (full remat recomputes exactly one block)."""
-    p = _activation_parts(model, train, plans, t, unfused)
-    dense = p["dense_ffn"] if model.dense_layers else 0.0
-    moe = p["moe_block"] + p["moe_buffers"] if model.moe_layers else 0.0
-    return p["attention"] + p["scores"] + p["scores_backward"] + np.maximum(dense, moe)
+def one_layer_activation_bytes(model: ModelSpec, parts: dict) -> np.ndarray:
+    """Activations of the largest single layer (from its `_activation_parts`), MoE buffers
+    and its attention backward included: what the first layer holds while it is
+    differentiated, under every remat policy (full remat recomputes exactly one block)."""
+    return parts["attention"] + parts["scores"] + parts["scores_backward"] + np.maximum(*_one_block(model, parts))
 
 
 def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans,
@@ -234,20 +237,22 @@ def memory_per_device(model: ModelSpec, train: TrainSpec, plans: Plans,
     params = sharded_params(model, plans)
     pb = bytes_of(train.param_dtype)
     t = tokens_per_microbatch(train, plans)
-    activations, moe_buffers = activation_bytes(model, train, plans, t, unfused)
-    gathered = block_params(model, plans) * bytes_of(train.compute_dtype)
+    parts = _activation_parts(model, train, plans, t, unfused)
+    activations, moe_buffers = activation_bytes(model, train, plans, t, unfused, parts)
+    block = block_params(model, plans)
+    gathered = block * bytes_of(train.compute_dtype)
     logits = t * (model.vocab * (8.0 if unfused else 4.0))  # unfused: exp(logits) and d_logits
     gradients = params * pb
     accum = float(train.grad_accum > 1)
     # start of backward: every saved activation, plus the first gradients made (LM head and
     # embedding, and the last layer's; never more than all of them)
-    first_grads = np.minimum(gradients, (float(embedding_params(model)) + block_params(model, plans)) * pb)
+    first_grads = np.minimum(gradients, (float(embedding_params(model)) + block) * pb)
     start = activations + moe_buffers + logits + first_grads
     # end of backward: every gradient and the first layer's activations (its backward is the
     # last one); an out-of-place all-reduce's output comes after, beside the gradients it
     # reduces (one microbatch's, or with grad_accum > 1 the accumulator's, the microbatch
     # gradients being added in and freed by then)
-    last_layer = one_layer_activation_bytes(model, train, plans, t, unfused)
+    last_layer = one_layer_activation_bytes(model, parts)
     reduced = reduce_output_bytes(model, train, plans) if reduce_out_of_place else np.zeros(len(plans))
     backward_end = gradients + last_layer
     reduce_end = reduced + (1.0 - accum) * gradients

@@ -38,8 +38,13 @@ arena with mapping off (M_ARENA_MAX = 1, M_MMAP_MAX = 0, no trim) did stop every
 the one arena lock made tiny-moe data=1,expert=8 25-30% slower (33 -> 42 ms), so it is not
 used: it trades a predictable cost for an unmodelled one.
 
-Only the process that runs simulated devices is pinned (profile, calibrate, regress, their
-child processes). Where glibc is missing (macOS, musl) nothing changes and `pin` says so.
+Every `moeplan` command pins its process at start-up (cli.py), and the processes that run
+simulated devices (profile, calibrate, regress, their child processes) pin themselves. The
+planner needs it too: it scores plans in blocks of numpy arrays of a few hundred KiB, and with
+the adaptive thresholds glibc handed their freed heap top back and paged it in again for the
+next block; scoring 10^6 plans (benchmarks/bench_search.py, deepseek-v3 on 65,536 v5p chips)
+took 0.62 s unpinned and 0.34 s pinned (2026-12-02, 2-core AMD host). Where glibc is missing
+(macOS, musl) nothing changes and `pin` says so.
 """
 
 from __future__ import annotations
